@@ -1,0 +1,91 @@
+"""The driver flow: runs `dvc repro` (and optionally `dvc push`) as one Prefect flow run.
+
+    python -m flows.pipeline                 # start the local Prefect server if needed, dvc repro, summary
+    python -m flows.pipeline --push          # ... then dvc push to the default remote
+    python -m flows.pipeline --no-server     # Prefect's ephemeral mode, no UI
+    python -m flows.pipeline -- mine         # extra arguments go to dvc repro (targets, --force, ...)
+
+DVC owns the DAG: this flow never lists stages itself; every stage `dvc repro` runs reports to
+Prefect as its own flow run, tagged with this run's id.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import flows  # noqa: F401
+from flows.env import REPO, server_url
+
+REPORT = REPO / "reports" / "report.md"
+
+
+def headline(report: Path = REPORT) -> str:
+    """The report's first table (its headline), or a note that there is none yet."""
+    if not report.exists():
+        return f"(no report yet at {report.relative_to(REPO)})"
+    lines, started = [], False
+    for line in report.read_text().splitlines():
+        if line.startswith("|"):
+            started = True
+            lines.append(line)
+        elif started:
+            break
+    return "\n".join(lines) or f"(no table in {report})"
+
+
+def run_logged(cmd: list[str], logger) -> int:
+    logger.info("$ %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    return proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--push", action="store_true", help="dvc push after a successful repro")
+    parser.add_argument("--no-server", action="store_true", help="don't start the local Prefect server")
+    parser.add_argument("repro_args", nargs="*", help="passed to dvc repro")
+    args = parser.parse_args(argv)
+
+    if not args.no_server:
+        from flows.server import start
+
+        os.environ["PREFECT_API_URL"] = start()
+    from prefect import flow, get_run_logger
+    from prefect.runtime import flow_run
+
+    dvc = str(Path(sys.executable).with_name("dvc"))
+
+    @flow(name="ovseg-pipeline", log_prints=True, persist_result=False)
+    def pipeline() -> dict[str, float]:
+        logger = get_run_logger()
+        os.environ["OVSEG_PIPELINE_RUN"] = str(flow_run.get_id())
+        t0 = time.perf_counter()
+        if run_logged([dvc, "repro", *args.repro_args], logger) != 0:
+            raise RuntimeError("dvc repro failed (see the failed stage's flow run)")
+        timings = {"repro_s": round(time.perf_counter() - t0, 1)}
+        if args.push:
+            if run_logged([dvc, "push"], logger) != 0:
+                raise RuntimeError("dvc push failed")
+        return timings
+
+    timings = pipeline()
+    print(f"\nPipeline finished in {timings['repro_s']:.0f} s.\n")
+    print(headline())
+    print(f"\nReport:       {REPORT.relative_to(REPO)}")
+    print("Mined pairs:  data/mined/ (WebDataset shards, index.parquet, README.md)")
+    url = server_url()
+    print(f"Prefect UI:   {url.removesuffix('/api')}" if url else "Prefect UI:   not running (python -m flows.server start)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

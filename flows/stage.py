@@ -1,0 +1,136 @@
+"""Run one DVC stage as a Prefect flow named after it: `python -m flows.stage <name>`.
+
+This is the `cmd` of every stage in dvc.yaml. The stage's parallel work units become Prefect task
+runs (retried on failure) on the task runner chosen in params.yaml (`prefect:` section: threads on
+one machine, Dask for a cluster); `ovseg_core` progress becomes progress artifacts; the stage's
+summary becomes a table artifact. No Prefect result caching: DVC decides what reruns.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from typing import Any, Callable, Iterable, TypeVar
+from uuid import UUID
+
+import flows  # noqa: F401  (configures Prefect's environment first)
+from prefect import flow, get_run_logger, tags, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, create_markdown_artifact, update_progress_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from ovseg_core import progress
+from stages.common import PARAMS_FILE, StageContext, load_params, run_stage
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes only."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower())).strip("-")
+
+
+def task_runner(cfg: dict[str, Any]):
+    kind = cfg.get("task_runner", "threads")
+    if kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=int(cfg.get("max_workers", 2)))
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if cfg.get("dask_address"):
+            return DaskTaskRunner(address=cfg["dask_address"])
+        return DaskTaskRunner(cluster_kwargs={"n_workers": int(cfg.get("max_workers", 2)),
+                                              "threads_per_worker": 1, "processes": True})
+    raise ValueError(f"params.yaml prefect.task_runner: unknown runner {kind!r} (threads | dask)")
+
+
+class PrefectStageContext(StageContext):
+    """Stage context whose work units are Prefect task runs and whose publications are artifacts."""
+
+    def __init__(self, name: str, params: dict[str, Any]):
+        super().__init__(name, params)
+        self.cfg = params.get("prefect", {})
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T], desc: str) -> list[R]:
+        items = list(items)
+        unit = task(fn, name=f"{self.name}-{artifact_key(desc)}",
+                    retries=int(self.cfg.get("task_retries", 2)),
+                    retry_delay_seconds=float(self.cfg.get("retry_delay_s", 1)))
+        futures = unit.map(items)
+        results = []
+        with progress.Progress(len(items), desc) as p:
+            for future in futures:
+                results.append(future.result())
+                p.update(1)
+        return results
+
+    def publish_table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
+        super().publish_table(key, rows, description)
+        create_table_artifact(rows, key=artifact_key(self.name, key), description=description or None)
+
+    def publish_markdown(self, key: str, markdown: str, description: str = "") -> None:
+        create_markdown_artifact(markdown, key=artifact_key(self.name, key), description=description or None)
+
+
+class ProgressArtifacts:
+    """Turns `ovseg_core.progress` notifications into Prefect progress artifacts (one per loop)."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.ids: dict[str, UUID] = {}
+
+    def __call__(self, desc: str, done: int, total: int) -> None:
+        pct = 100.0 * done / total if total else 100.0
+        try:
+            if desc not in self.ids:
+                self.ids[desc] = create_progress_artifact(pct, key=artifact_key(self.stage, desc, "progress"),
+                                                          description=f"{self.stage}: {desc}")
+            else:
+                update_progress_artifact(self.ids[desc], pct)
+        except Exception as e:  # progress display must never fail the stage
+            logging.getLogger("ovseg").debug("progress artifact not updated: %s", e)
+
+
+def stage_flow(name: str, params: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    cfg = params.get("prefect", {})
+
+    def body() -> dict[str, Any]:
+        logger = get_run_logger()
+        ctx = PrefectStageContext(name, params)
+        hook = ProgressArtifacts(name)
+        progress.add_hook(hook)
+        try:
+            summary = run_stage(name, ctx)
+        finally:
+            progress.remove_hook(hook)
+        rows = [{"key": k, "value": v} for k, v in summary.items() if not isinstance(v, (dict, list))]
+        if rows:
+            create_table_artifact(rows, key=artifact_key(name, "result"), description=f"Stage {name}: summary")
+        logger.info("stage %s done: %s", name, json.dumps(summary, default=str)[:2000])
+        return summary
+
+    return flow(name=name, log_prints=True, retries=0, task_runner=task_runner(cfg),
+                persist_result=False)(body)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__)
+    parser.add_argument("name", help="stage module under stages/")
+    parser.add_argument("--params", default=str(PARAMS_FILE))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    params = load_params(args.params)
+    run_tags = ["ovseg", f"stage-{args.name}"]
+    if os.environ.get("OVSEG_PIPELINE_RUN"):
+        run_tags.append(f"pipeline-{os.environ['OVSEG_PIPELINE_RUN'][:8]}")
+    with tags(*run_tags):
+        summary = stage_flow(args.name, params)()
+    json.dump(summary, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,4 @@
+"""ovseg_core: the OVSeg library (datasets, CLIP, MaskFormer, mining, metrics).
+
+Knows torch, open_clip, transformers, nltk, pycocotools, webdataset and pyarrow; never DVC or Prefect.
+"""

@@ -1,0 +1,63 @@
+"""COCO file-format helpers shared by the COCO-Stuff and COCO Captions readers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
+
+from ..errors import DataError
+
+# The keys each reader relies on, per top-level list.
+SEGMENTATION_SCHEMA: Mapping[str, Sequence[str]] = {
+    "images": ("id", "file_name", "height", "width"),
+    "annotations": ("image_id", "category_id", "segmentation"),
+    "categories": ("id", "name"),
+}
+CAPTION_SCHEMA: Mapping[str, Sequence[str]] = {
+    "images": ("id", "file_name"),
+    "annotations": ("image_id", "caption"),
+}
+
+
+def split_dir(split: str) -> str:
+    """'train' → 'train2017'; a name that already carries its year is kept."""
+    return split if split[-4:].isdigit() else f"{split}2017"
+
+
+def load_coco_json(path: Path, schema: Mapping[str, Sequence[str]] = SEGMENTATION_SCHEMA) -> dict[str, Any]:
+    """Read a COCO-format JSON file, or raise DataError naming it and what is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise DataError(path, "annotation file is missing") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(path, f"annotation file is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise DataError(path, "annotation file must hold a JSON object")
+    for key, entry_keys in schema.items():
+        if not isinstance(data.get(key), list):
+            raise DataError(path, f"annotation file lacks the list {key!r}")
+        for i, entry in enumerate(data[key]):
+            missing = [k for k in entry_keys if not isinstance(entry, dict) or k not in entry]
+            if missing:
+                raise DataError(path, f"{key}[{i}] lacks {missing}")
+    return data
+
+
+class Captions(NamedTuple):
+    by_image: dict[str, list[str]]  # image file stem → captions, in file order
+    file_names: dict[str, str]  # image file stem → file_name
+
+
+def read_captions(path: Path) -> Captions:
+    """Read COCO Captions (`captions_*.json`)."""
+    data = load_coco_json(path, CAPTION_SCHEMA)
+    stems = {img["id"]: Path(img["file_name"]).stem for img in data["images"]}
+    captions: dict[str, list[str]] = {}
+    for i, ann in enumerate(data["annotations"]):
+        if ann["image_id"] not in stems:
+            raise DataError(path, f"annotations[{i}] refers to unknown image id {ann['image_id']}")
+        if not isinstance(ann["caption"], str):
+            raise DataError(path, f"annotations[{i}] caption is not a string")
+        captions.setdefault(stems[ann["image_id"]], []).append(ann["caption"].strip())
+    return Captions(captions, {Path(img["file_name"]).stem: img["file_name"] for img in data["images"]})

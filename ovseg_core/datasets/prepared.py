@@ -1,0 +1,182 @@
+"""The common prepared form every dataset is converted to by the `prepare` stage.
+
+Layout of one prepared dataset directory::
+
+    <root>/dataset.json     name, classes, seen flags, ignore label, samples, source, skipped count
+    <root>/labels/<id>.png  label map: uint8 PNG when ignore is 255, uint16 PNG when ignore is 65535
+    <root>/captions.json    optional: {image id: [caption, ...]}
+
+Images are not copied (a real COCO is 19 GB): each sample stores the image path relative to
+`<root>`, pointing into the raw dataset. Class ids are 0..K-1; every other value is `ignore_label`.
+A class is *seen* when the proposal network's training vocabulary contains its name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from ..atomic import atomic_dir
+from ..errors import DataError
+
+DATASET_FILE = "dataset.json"
+CAPTIONS_FILE = "captions.json"
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    image: str  # relative to the dataset root
+    label: str | None  # relative to the dataset root; None for caption-only data
+
+
+@dataclass
+class PreparedDataset:
+    root: Path
+    name: str
+    classes: list[str]
+    seen: list[bool]
+    ignore_label: int
+    samples: list[Sample]
+    source: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image_path(self, i: int) -> Path:
+        return self.root / self.samples[i].image
+
+    def load_image(self, i: int) -> np.ndarray:
+        """RGB uint8 array [H, W, 3]."""
+        return load_rgb(self.image_path(i))
+
+    def load_label(self, i: int) -> np.ndarray:
+        """int64 array [H, W] with class ids 0..K-1 and `ignore_label`."""
+        rel = self.samples[i].label
+        if rel is None:
+            raise DataError(self.root / DATASET_FILE, f"sample {self.samples[i].id} has no label map")
+        return np.asarray(Image.open(self.root / rel), dtype=np.int64)
+
+    def captions(self) -> dict[str, list[str]]:
+        path = self.root / CAPTIONS_FILE
+        if not path.exists():
+            raise DataError(path, "this prepared dataset has no captions")
+        return json.loads(path.read_text())
+
+    def __iter__(self) -> Iterator[tuple[Sample, np.ndarray, np.ndarray]]:
+        for i, s in enumerate(self.samples):
+            yield s, self.load_image(i), self.load_label(i)
+
+    @classmethod
+    def load(cls, root: str | Path) -> "PreparedDataset":
+        root = Path(root)
+        path = root / DATASET_FILE
+        if not path.exists():
+            raise DataError(path, "not a prepared dataset (run the prepare stage first)")
+        try:
+            meta = json.loads(path.read_text())
+            samples = [Sample(**s) for s in meta.pop("samples")]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(path, f"malformed prepared dataset file: {e}") from e
+        return cls(root=root, samples=samples, **meta)
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image as RGB uint8, or raise DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError as e:
+        raise DataError(path, "image file is missing") from e
+    except OSError as e:
+        raise DataError(path, f"image fails to decode: {e}") from e
+
+
+def save_label(path: Path, label: np.ndarray, ignore_label: int) -> None:
+    dtype = np.uint8 if ignore_label == 255 else np.uint16
+    Image.fromarray(label.astype(dtype)).save(path)
+
+
+class PreparedWriter:
+    """Builds a prepared dataset in a temporary directory that replaces `root` only when complete.
+
+    Usage::
+
+        with PreparedWriter(root, name, classes, seen, ignore_label, source) as w:
+            w.add(sample_id, image_path, label_array)
+            w.skip(path, reason)          # a corrupt image, reported in dataset.json
+            w.set_captions({...})
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        name: str,
+        classes: list[str],
+        seen: list[bool],
+        ignore_label: int,
+        source: dict[str, Any] | None = None,
+    ):
+        if len(classes) != len(seen):
+            raise ValueError("classes and seen flags differ in length")
+        if ignore_label not in (255, 65535):
+            raise ValueError("ignore_label must be 255 or 65535")
+        if ignore_label == 255 and len(classes) > 255:
+            raise ValueError(f"{name}: {len(classes)} classes need ignore label 65535")
+        self.root = Path(root)
+        self.meta = dict(name=name, classes=list(classes), seen=[bool(s) for s in seen],
+                         ignore_label=ignore_label, source=source or {})
+        self.samples: list[Sample] = []
+        self.skipped: list[dict[str, str]] = []
+        self.captions: dict[str, list[str]] | None = None
+        self._ids: set[str] = set()
+
+    def __enter__(self) -> "PreparedWriter":
+        self._ctx = atomic_dir(self.root)
+        self.tmp = self._ctx.__enter__()
+        (self.tmp / "labels").mkdir()
+        return self
+
+    def add(self, sample_id: str, image_path: str | Path, label: np.ndarray | None,
+            label_source: str | Path | None = None) -> None:
+        """Add one sample. `label` must hold only 0..K-1 or the ignore label; `label_source` names the
+        annotation file in the error otherwise."""
+        if sample_id in self._ids:
+            raise DataError(label_source or image_path, f"duplicate sample id {sample_id!r}")
+        self._ids.add(sample_id)
+        rel_label = None
+        if label is not None:
+            k, ignore = len(self.meta["classes"]), self.meta["ignore_label"]
+            bad = (label != ignore) & ((label < 0) | (label >= k))
+            if bad.any():
+                values = sorted(set(np.unique(label[bad]).tolist()))[:10]
+                raise DataError(label_source or image_path,
+                                f"label values {values} outside the class range 0..{k - 1} (ignore {ignore})")
+            rel_label = f"labels/{sample_id}.png"
+            save_label(self.tmp / rel_label, label, ignore)
+        rel_image = os.path.relpath(Path(image_path).resolve(), self.root.resolve())
+        self.samples.append(Sample(sample_id, rel_image, rel_label))
+
+    def skip(self, path: str | Path, reason: str) -> None:
+        self.skipped.append({"path": str(path), "reason": reason})
+
+    def set_captions(self, captions: dict[str, list[str]]) -> None:
+        self.captions = captions
+
+    def __exit__(self, exc_type, exc, tb) -> bool | None:
+        if exc_type is None:
+            meta = dict(self.meta, samples=[asdict(s) for s in self.samples], skipped=self.skipped)
+            (self.tmp / DATASET_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+            if self.captions is not None:
+                (self.tmp / CAPTIONS_FILE).write_text(json.dumps(self.captions, indent=1, sort_keys=True) + "\n")
+        return self._ctx.__exit__(exc_type, exc, tb)

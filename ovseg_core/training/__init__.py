@@ -1,0 +1,1 @@
+"""Training-loop utilities shared by CLIP pretraining/adaptation and MaskFormer training."""

@@ -1,0 +1,202 @@
+"""Generate the whole embedded world on disk, in the official formats.
+
+Layout under the output directory::
+
+    web/train2017/{id:012d}.jpg, web/annotations/captions_train2017.json  contrastive pretraining (COCO Captions layout)
+    coco/train2017/{id:012d}.jpg                                  segmentation training images
+    coco/annotations/instances_train2017.json                     seen things, RLE
+    coco/annotations/stuff_train2017.json                         seen stuff, RLE
+    coco/annotations/captions_train2017.json                      captions naming seen and unseen nouns
+    eval/<set>/ADEChallengeData2016/{images,annotations}/validation/ADE_val_{i:08d}.{jpg,png}
+    eval/<set>/ADEChallengeData2016/objectInfo{K}.csv             all classes, label = row index
+    pos_tagged_captions.txt                                       word/TAG captions (web, then coco)
+    world.json                                                    manifest
+
+Every scene is seeded from (seed, split, index), so any one image can be regenerated alone with
+`split_scene`.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import atomic_dir, write_json, write_text
+from ..progress import Progress
+from .captions import make_captions
+from .config import WorldConfig
+from .render import Scene, render_scene
+from .spec import CLASSES, NUM_THINGS, class_index, coco_category_id
+from .writers import (ADE_DIR, coco_categories, coco_image, jpeg_bytes, png_bytes, rle_annotations,
+                      tagged_line, write_coco_json, write_new_file, write_object_info)
+
+GENERATOR_VERSION = "1.0"
+TAGGED_CAPTIONS = "pos_tagged_captions.txt"
+MANIFEST = "world.json"
+
+
+def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
+
+
+def split_scene(cfg: WorldConfig, split: str, index: int) -> Scene:
+    """Scene `index` (0-based) of split 'web', 'coco' or 'eval/<set name>', exactly as generate_world writes it."""
+    rng = scene_rng(cfg.seed, split, index)
+    if split in ("web", "coco"):
+        scene = render_scene(rng, cfg.image_size, cfg.scene, cfg.seed)
+        if split == "web":
+            make_captions(rng, scene, cfg.web_captions_per_image, all_stuff=True)
+        else:
+            make_captions(rng, scene, cfg.captions_per_image, all_stuff=False)
+        return scene
+    name = split.removeprefix("eval/")
+    if not split.startswith("eval/") or name not in cfg.eval_sets:
+        raise KeyError(f"unknown split {split!r}; known: web, coco, " + ", ".join(f"eval/{n}" for n in cfg.eval_sets))
+    return render_scene(rng, cfg.eval_size(name), cfg.eval_sets[name], cfg.seed)
+
+
+def seen_flags(cfg: WorldConfig) -> list[bool]:
+    unseen = {class_index(n) for n in cfg.unseen}
+    return [i not in unseen for i in range(len(CLASSES))]
+
+
+def ade_name(index: int) -> str:
+    return f"ADE_val_{index + 1:08d}"
+
+
+def _write_web(root: Path, cfg: WorldConfig, tagged: list[str]) -> dict[str, int]:
+    # COCO Captions layout, so `prepare` reads it with the same reader as real COCO captions
+    (root / "train2017").mkdir(parents=True)
+    images, anns = [], []
+    with Progress(cfg.web_images, "world: web") as bar:
+        for i in range(cfg.web_images):
+            scene = split_scene(cfg, "web", i)
+            image_id = i + 1
+            file_name = f"{image_id:012d}.jpg"
+            write_new_file(root / "train2017" / file_name, jpeg_bytes(scene.image, cfg.jpeg_quality))
+            images.append(coco_image(image_id, file_name, cfg.image_size))
+            for text, tokens in zip(scene.captions, scene.tagged):
+                anns.append({"id": len(anns) + 1, "image_id": image_id, "caption": text})
+                tagged.append(tagged_line(tokens))
+            bar.update()
+    write_coco_json(root / "annotations" / "captions_train2017.json", "ovseg embedded world: web captions", images, anns)
+    return {"web_images": len(images), "web_captions": len(anns)}
+
+
+def _write_coco(root: Path, cfg: WorldConfig, seen: list[bool], tagged: list[str],
+                presence: np.ndarray) -> dict[str, int]:
+    (root / "train2017").mkdir(parents=True)
+    images, things, stuff, caps = [], [], [], []
+    with Progress(cfg.coco_images, "world: coco") as bar:
+        for i in range(cfg.coco_images):
+            scene = split_scene(cfg, "coco", i)
+            image_id = i + 1
+            file_name = f"{image_id:012d}.jpg"
+            write_new_file(root / "train2017" / file_name, jpeg_bytes(scene.image, cfg.jpeg_quality))
+            images.append(coco_image(image_id, file_name, cfg.image_size))
+            presence[np.unique(scene.thing_classes + scene.stuff_classes)] += 1
+            keep = [k for k, c in enumerate(scene.thing_classes) if seen[c]]
+            things += rle_annotations(scene.thing_masks[keep], len(things) + 1, image_id,
+                                      [coco_category_id(scene.thing_classes[k]) for k in keep])
+            keep = [k for k, c in enumerate(scene.stuff_classes) if seen[c]]
+            stuff += rle_annotations(scene.stuff_masks[keep], len(stuff) + 1, image_id,
+                                     [coco_category_id(scene.stuff_classes[k]) for k in keep])
+            for text, tokens in zip(scene.captions, scene.tagged):
+                caps.append({"id": len(caps) + 1, "image_id": image_id, "caption": text})
+                tagged.append(tagged_line(tokens))
+            bar.update()
+    ann_dir = root / "annotations"
+    ann_dir.mkdir()
+    seen_things = [i for i in range(NUM_THINGS) if seen[i]]
+    seen_stuff = [i for i in range(NUM_THINGS, len(CLASSES)) if seen[i]]
+    write_coco_json(ann_dir / "instances_train2017.json", "ovseg embedded world: seen things", images, things,
+                    coco_categories(seen_things))
+    write_coco_json(ann_dir / "stuff_train2017.json", "ovseg embedded world: seen stuff", images, stuff,
+                    coco_categories(seen_stuff))
+    write_coco_json(ann_dir / "captions_train2017.json", "ovseg embedded world: captions", images, caps)
+    return {"coco_images": len(images), "coco_thing_annotations": len(things),
+            "coco_stuff_annotations": len(stuff), "coco_captions": len(caps)}
+
+
+def _write_eval(root: Path, cfg: WorldConfig, name: str, coco_presence: np.ndarray
+                ) -> dict[str, int]:
+    ade = root / ADE_DIR
+    img_dir, ann_dir = ade / "images" / "validation", ade / "annotations" / "validation"
+    img_dir.mkdir(parents=True)
+    ann_dir.mkdir(parents=True)
+    k = len(CLASSES)
+    pixels = np.zeros(k + 1, np.int64)
+    present = np.zeros(k, np.int64)
+    n = cfg.eval_sets[name].images
+    with Progress(n, f"world: eval/{name}") as bar:
+        for i in range(n):
+            scene = split_scene(cfg, f"eval/{name}", i)
+            write_new_file(img_dir / f"{ade_name(i)}.jpg", jpeg_bytes(scene.image, cfg.jpeg_quality))
+            label = scene.label_map()
+            write_new_file(ann_dir / f"{ade_name(i)}.png", png_bytes(label))
+            counts = np.bincount(label.ravel(), minlength=k + 1)
+            pixels += counts
+            present += counts[1:] > 0
+            bar.update()
+    write_object_info(ade / f"objectInfo{k}.csv", pixels[1:] / max(1, pixels.sum()), coco_presence, present)
+    return {"images": n, "image_size": cfg.eval_size(name), "classes_present": int((present > 0).sum())}
+
+
+def generate_world(out_dir: str | Path, cfg: WorldConfig) -> dict[str, Any]:
+    """Write the whole world to `out_dir` (replaced atomically); returns counts and timings."""
+    cfg.validate()
+    seen = seen_flags(cfg)
+    times: dict[str, float] = {}
+    counts: dict[str, Any] = {}
+    tagged: list[str] = []
+    coco_presence = np.zeros(len(CLASSES), np.int64)
+    start = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        t = time.perf_counter()
+        counts.update(_write_web(tmp / "web", cfg, tagged))
+        times["web_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        counts.update(_write_coco(tmp / "coco", cfg, seen, tagged, coco_presence))
+        times["coco_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        counts["eval"] = {name: _write_eval(tmp / "eval" / name, cfg, name, coco_presence)
+                          for name in cfg.eval_sets}
+        times["eval_s"] = time.perf_counter() - t
+        write_text(tmp / TAGGED_CAPTIONS, "\n".join(tagged) + "\n")
+        write_json(tmp / MANIFEST, manifest(cfg, seen, counts))
+    times["total_s"] = time.perf_counter() - start
+    scenes = counts["web_images"] + counts["coco_images"] + sum(e["images"] for e in counts["eval"].values())
+    return {**counts, "scenes": scenes, "seconds": times, "scenes_per_s": scenes / times["total_s"]}
+
+
+def manifest(cfg: WorldConfig, seen: list[bool], counts: dict[str, Any]) -> dict[str, Any]:
+    classes = []
+    for i, spec in enumerate(CLASSES):
+        entry = {"index": i, "name": spec.name, "kind": spec.kind, "seen": seen[i], "synonyms": list(spec.synonyms),
+                 "supercategory": spec.supercategory, "colour": spec.colour, "ade_label": i + 1,
+                 "coco_id": coco_category_id(i) if seen[i] else None}
+        if spec.kind == "thing":
+            entry.update(plural=spec.plural, shape=spec.shape, pattern=spec.pattern)
+        else:
+            entry.update(texture=spec.texture)
+        classes.append(entry)
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+        "classes": classes,
+        "counts": counts,
+        "files": {
+            "web_images": "web/images", "web_captions": "web/captions.json",
+            "coco_images": "coco/train2017",
+            "coco_instances": "coco/annotations/instances_train2017.json",
+            "coco_stuff": "coco/annotations/stuff_train2017.json",
+            "coco_captions": "coco/annotations/captions_train2017.json",
+            "eval": {name: f"eval/{name}/{ADE_DIR}" for name in cfg.eval_sets},
+            "class_file": f"objectInfo{len(CLASSES)}.csv",
+            "pos_tagged_captions": TAGGED_CAPTIONS,
+        },
+    }

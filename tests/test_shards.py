@@ -1,0 +1,237 @@
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from ovseg_core.errors import DataError
+from ovseg_core.shards import (
+    Pair,
+    PairDataset,
+    PairShardWriter,
+    completed_units,
+    finalize_dataset,
+    pair_key,
+    shard_name,
+    stats_name,
+    write_shard,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+NOUNS = ["dog", "fire hydrant", "surfboard", "cat", "tree"]
+PARAMS = {"num_captions": 1, "score_threshold": None, "proposals_per_image": 100}
+
+
+def make_pairs(num_images: int, per_image: int, seed: int = 0, first_image: int = 0) -> list[Pair]:
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for image_id in range(first_image, first_image + num_images):
+        for k in range(per_image):
+            h, w = rng.integers(6, 20, size=2)
+            mask = rng.random((h, w)) > 0.4
+            crop = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            crop[~mask] = (122, 116, 104)
+            noun = NOUNS[int(rng.integers(len(NOUNS)))]
+            pairs.append(Pair(
+                key=pair_key(image_id, k), image_id=str(image_id), caption=f"a photo with a {noun}",
+                noun=noun, proposal_index=int(rng.integers(100)), score=float(rng.random()),
+                bbox=(1.0, 2.0, 1.0 + w, 2.0 + h), crop=crop, mask=mask, extra={"unit_seed": seed},
+            ))
+    return pairs
+
+
+def write_units(out_dir: Path, units: dict[int, list[Pair]], **options) -> None:
+    for unit, pairs in units.items():
+        write_shard(out_dir, unit, pairs, **options)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def units() -> dict[int, list[Pair]]:
+    return {0: make_pairs(3, 2, seed=0, first_image=0), 1: make_pairs(2, 3, seed=1, first_image=3),
+            2: make_pairs(4, 1, seed=2, first_image=5)}
+
+
+def test_keys_are_deterministic_and_dot_free():
+    assert pair_key(139, 2) == "000000000139_002"
+    assert pair_key("000000000139", 2) == "000000000139_002"
+    assert pair_key("scene-7_b", 0) == "scene-7_b_000"
+    with pytest.raises(ValueError):
+        pair_key("img.42", 0)
+
+
+def test_round_trip_index_and_shards_agree(tmp_path, units):
+    write_units(tmp_path, units, image_format="png")
+    summary = finalize_dataset(tmp_path, PARAMS, "test-version", expected_units=3)
+    all_pairs = {p.key: p for ps in units.values() for p in ps}
+    assert summary["pairs"] == len(all_pairs) == 16 and summary["shards"] == 3
+
+    index = pq.read_table(tmp_path / "index.parquet").to_pylist()
+    assert sorted(r["key"] for r in index) == sorted(all_pairs)  # every pair indexed exactly once
+
+    urls = str(tmp_path / "pairs-{000000..000002}.tar")
+    seen: dict[str, str] = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode("pil"):
+        key = sample["__key__"]
+        assert key not in seen, "a pair is in two shards"
+        seen[key] = Path(sample["__url__"]).name
+        pair = all_pairs[key]
+        assert np.array_equal(np.asarray(sample["png"].convert("RGB")), pair.crop)  # png is lossless
+        assert np.array_equal(np.asarray(sample["mask.png"].convert("L")) > 127, pair.mask)
+        assert sample["txt"] == pair.noun
+        assert sample["json"] == json.loads(json.dumps(pair.metadata()))
+    assert seen == {r["key"]: r["shard"] for r in index}  # ... and each shard holds what the index says
+    for unit, pairs in units.items():
+        assert {k for k, s in seen.items() if s == shard_name(unit)} == {p.key for p in pairs}
+
+
+def test_open_clip_loader_conventions(tmp_path, units):
+    write_units(tmp_path, units)  # default: jpg crops
+    finalize_dataset(tmp_path, PARAMS, "test-version")
+    urls = str(tmp_path / "pairs-{000000..000002}.tar")
+    # open_clip_train.data.get_dataset_size: sizes.json in the shards' directory, by file name
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert sum(int(sizes[os.path.basename(u)]) for u in braceexpand.braceexpand(urls)) == 16
+    # open_clip_train.data.get_wds_dataset's decoding of a sample
+    pipeline = (wds.WebDataset(urls, shardshuffle=False)
+                .select(lambda s: "txt" in s and any(k in s for k in ("png", "jpg", "jpeg", "webp")))
+                .decode("pilrgb").rename(image="jpg;png;jpeg;webp", text="txt").to_tuple("image", "text"))
+    samples = list(pipeline)
+    all_pairs = [p for ps in units.values() for p in ps]
+    assert [text for _, text in samples] == [p.noun for p in all_pairs]
+    for (image, _), pair in zip(samples, all_pairs):
+        assert image.mode == "RGB" and image.size == (pair.crop.shape[1], pair.crop.shape[0])
+        error = np.abs(np.asarray(image, dtype=np.int16) - pair.crop.astype(np.int16)).mean()
+        assert error < 6  # JPEG quality 95, 4:4:4, on random-noise crops (the worst case)
+
+
+def test_shard_bytes_are_reproducible(tmp_path, units):
+    write_units(tmp_path / "a", units)
+    write_units(tmp_path / "b", units)
+    for unit in units:
+        a, b = tmp_path / "a" / shard_name(unit), tmp_path / "b" / shard_name(unit)
+        assert sha256(a) == sha256(b)
+        assert json.loads((tmp_path / "a" / stats_name(unit)).read_text())["sha256"] == sha256(a)
+    finalize_dataset(tmp_path / "a", PARAMS, "v")
+    finalize_dataset(tmp_path / "b", PARAMS, "v")
+    for name in ("sizes.json", "index.parquet", "README.md"):
+        assert sha256(tmp_path / "a" / name) == sha256(tmp_path / "b" / name)
+
+
+def test_exception_inside_writer_leaves_no_shard(tmp_path, units):
+    write_units(tmp_path, {0: units[0]})
+    with pytest.raises(RuntimeError, match="proposal network died"):
+        with PairShardWriter(tmp_path, 1) as w:
+            for pair in units[1][:2]:
+                w.write(pair)
+            raise RuntimeError("proposal network died")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([shard_name(0), stats_name(0)])
+    assert completed_units(tmp_path) == [0]
+
+
+def test_killed_process_leaves_only_resumable_debris(tmp_path, units):
+    write_units(tmp_path, {0: units[0], 2: units[2]})
+    # a process killed half-way through unit 1: its temporary tar stays behind
+    code = (
+        "import os, sys\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from tests.test_shards import make_pairs\n"
+        "from ovseg_core.shards import PairShardWriter\n"
+        "w = PairShardWriter(sys.argv[1], 1).__enter__()\n"
+        "for p in make_pairs(2, 3, seed=1, first_image=3)[:3]:\n"
+        "    w.write(p)\n"
+        "os._exit(9)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(ROOT)], capture_output=True, text=True)
+    assert result.returncode == 9, result.stderr
+    assert any(p.name.startswith(".pairs-000001.tar.") for p in tmp_path.iterdir())
+    assert not (tmp_path / shard_name(1)).exists()
+    # a shard whose stats were lost, and one whose bytes were damaged after it was written
+    (tmp_path / stats_name(0)).unlink()
+    damaged = bytearray((tmp_path / shard_name(2)).read_bytes())
+    damaged[700] ^= 0xFF
+    (tmp_path / shard_name(2)).write_bytes(bytes(damaged))
+
+    with pytest.raises(DataError, match="unfinished temporary file"):
+        finalize_dataset(tmp_path, PARAMS, "v")
+    assert completed_units(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []  # debris removed, so a resumed run rewrites units 0-2
+
+    write_units(tmp_path, units)
+    assert completed_units(tmp_path) == [0, 1, 2]
+    assert finalize_dataset(tmp_path, PARAMS, "v", expected_units=3)["pairs"] == 16
+
+
+def test_finalize_refuses_incomplete_datasets(tmp_path, units):
+    with pytest.raises(DataError, match="no complete shards"):
+        finalize_dataset(tmp_path, PARAMS, "v")
+    write_units(tmp_path, {0: units[0], 2: units[2]})
+    with pytest.raises(DataError, match="1 of 3 units"):
+        finalize_dataset(tmp_path, PARAMS, "v", expected_units=3)
+    (tmp_path / stats_name(2)).unlink()
+    with pytest.raises(DataError, match="no stats file"):
+        finalize_dataset(tmp_path, PARAMS, "v")
+
+
+def test_pair_dataset_random_access_equals_stream(tmp_path, units):
+    write_units(tmp_path, units)
+    finalize_dataset(tmp_path, PARAMS, "v")
+    dataset = PairDataset(tmp_path)
+    stream = list(wds.WebDataset(str(tmp_path / "pairs-{000000..000002}.tar"), shardshuffle=False))
+    assert len(dataset) == len(stream) == 16
+    for i in [7, 0, 15, 3, 7]:  # any order, repeated
+        crop, mask, noun, meta = dataset[i]
+        sample = stream[i]
+        with Image.open(io.BytesIO(sample["jpg"])) as im:
+            assert np.array_equal(crop, np.asarray(im.convert("RGB")))
+        with Image.open(io.BytesIO(sample["mask.png"])) as im:
+            assert np.array_equal(mask, np.asarray(im) > 127)
+        assert crop.dtype == np.uint8 and mask.dtype == np.bool_
+        assert noun == sample["txt"].decode() and meta == json.loads(sample["json"])
+        assert meta["key"] == sample["__key__"]
+
+
+def test_pair_dataset_needs_an_index(tmp_path):
+    with pytest.raises(DataError, match="finalize_dataset"):
+        PairDataset(tmp_path)
+
+
+def test_dataset_card_lists_counts_nouns_and_checksums(tmp_path, units):
+    write_units(tmp_path, units)
+    finalize_dataset(tmp_path, PARAMS, "git:abc123", top_k=3)
+    card = (tmp_path / "README.md").read_text()
+    all_pairs = [p for ps in units.values() for p in ps]
+    assert "| pairs | 16 |" in card
+    assert f"| unique nouns | {len({p.noun for p in all_pairs})} |" in card
+    assert "| images | 9 |" in card
+    assert "git:abc123" in card and "proposals_per_image: 100" in card
+    counts = {n: sum(p.noun == n for p in all_pairs) for n in NOUNS}
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    assert f"| 1 | {top[0]} | {top[1]} |" in card
+    for unit, pairs in units.items():
+        assert f"| {shard_name(unit)} | {len(pairs)} | " in card
+        assert sha256(tmp_path / shard_name(unit)) in card
+    assert "pairs-{000000..000002}.tar" in card
+
+
+def test_writer_rejects_bad_pairs(tmp_path):
+    pair = make_pairs(1, 1)[0]
+    with pytest.raises(ValueError, match="dot-free"):
+        write_shard(tmp_path, 0, [Pair(**{**pair.__dict__, "key": "a.b"})])
+    with pytest.raises(ValueError, match="mask must be bool"):
+        write_shard(tmp_path, 0, [Pair(**{**pair.__dict__, "mask": pair.mask[:-1]})])
+    with pytest.raises(ValueError, match="duplicate pair key"):
+        write_shard(tmp_path, 0, [pair, pair])
+    assert list(tmp_path.iterdir()) == []
