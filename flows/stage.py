@@ -50,8 +50,8 @@ def task_runner(cfg: dict[str, Any]):
 class PrefectStageContext(StageContext):
     """Stage context whose work units are Prefect task runs and whose publications are artifacts."""
 
-    def __init__(self, name: str, params: dict[str, Any]):
-        super().__init__(name, params)
+    def __init__(self, name: str, params: dict[str, Any], variant: str | None = None):
+        super().__init__(name, params, variant)
         self.cfg = params.get("prefect", {})
 
     def map(self, fn: Callable[[T], R], items: Iterable[T], desc: str) -> list[R]:
@@ -69,10 +69,14 @@ class PrefectStageContext(StageContext):
 
     def publish_table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
         super().publish_table(key, rows, description)
-        create_table_artifact(rows, key=artifact_key(self.name, key), description=description or None)
+        create_table_artifact(rows, key=artifact_key(self.label, key), description=description or None)
 
     def publish_markdown(self, key: str, markdown: str, description: str = "") -> None:
-        create_markdown_artifact(markdown, key=artifact_key(self.name, key), description=description or None)
+        create_markdown_artifact(markdown, key=artifact_key(self.label, key), description=description or None)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.variant}" if self.variant else self.name
 
 
 class ProgressArtifacts:
@@ -94,13 +98,14 @@ class ProgressArtifacts:
             logging.getLogger("ovseg").debug("progress artifact not updated: %s", e)
 
 
-def stage_flow(name: str, params: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+def stage_flow(name: str, params: dict[str, Any], variant: str | None = None) -> Callable[[], dict[str, Any]]:
     cfg = params.get("prefect", {})
+    label = f"{name}-{variant}" if variant else name
 
     def body() -> dict[str, Any]:
         logger = get_run_logger()
-        ctx = PrefectStageContext(name, params)
-        hook = ProgressArtifacts(name)
+        ctx = PrefectStageContext(name, params, variant)
+        hook = ProgressArtifacts(label)
         progress.add_hook(hook)
         try:
             summary = run_stage(name, ctx)
@@ -108,11 +113,11 @@ def stage_flow(name: str, params: dict[str, Any]) -> Callable[[], dict[str, Any]
             progress.remove_hook(hook)
         rows = [{"key": k, "value": v} for k, v in summary.items() if not isinstance(v, (dict, list))]
         if rows:
-            create_table_artifact(rows, key=artifact_key(name, "result"), description=f"Stage {name}: summary")
-        logger.info("stage %s done: %s", name, json.dumps(summary, default=str)[:2000])
+            create_table_artifact(rows, key=artifact_key(label, "result"), description=f"Stage {label}: summary")
+        logger.info("stage %s done: %s", label, json.dumps(summary, default=str)[:2000])
         return summary
 
-    return flow(name=name, log_prints=True, retries=0, task_runner=task_runner(cfg),
+    return flow(name=label, log_prints=True, retries=0, task_runner=task_runner(cfg),
                 persist_result=False)(body)
 
 
@@ -120,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__)
     parser.add_argument("name", help="stage module under stages/")
     parser.add_argument("--params", default=str(PARAMS_FILE))
+    parser.add_argument("--variant", default=None, help="variant of a repeated (foreach) stage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     params = load_params(args.params)
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("OVSEG_PIPELINE_RUN"):
         run_tags.append(f"pipeline-{os.environ['OVSEG_PIPELINE_RUN'][:8]}")
     with tags(*run_tags):
-        summary = stage_flow(args.name, params)()
+        summary = stage_flow(args.name, params, args.variant)()
     json.dump(summary, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,15 +40,25 @@ class StageContext:
     methods with UI artifacts. Stages never import Prefect themselves.
     """
 
-    def __init__(self, name: str, params: dict[str, Any]):
+    def __init__(self, name: str, params: dict[str, Any], variant: str | None = None):
         self.name = name
         self.params = params
+        self.variant = variant  # the `foreach` key of a repeated stage (e.g. a mining or adaptation variant)
         self.log = logging.getLogger(f"ovseg.stages.{name}")
 
     def section(self, key: str) -> dict[str, Any]:
         if key not in self.params:
             raise KeyError(f"params.yaml has no '{key}' section (stage {self.name})")
         return self.params[key]
+
+    def variant_params(self, key: str) -> tuple[str, dict[str, Any]]:
+        """(variant name, merged settings) of a repeated stage: `<key>.common` overlaid with
+        `<key>.variants.<variant>`."""
+        section = self.section(key)
+        variants = section.get("variants") or {}
+        if self.variant not in variants:
+            raise KeyError(f"params.yaml {key}.variants has no {self.variant!r}; known: {sorted(variants)}")
+        return self.variant, {**(section.get("common") or {}), **(variants[self.variant] or {})}
 
     def map(self, fn: Callable[[T], R], items: Iterable[T], desc: str) -> list[R]:
         """Apply `fn` to independent work units; results in input order."""
@@ -63,6 +75,29 @@ class StageContext:
 
     def publish_markdown(self, key: str, markdown: str, description: str = "") -> None:
         self.log.info("%s:\n%s", key, markdown[:4000])
+
+
+def resumable_dir(base: str | Path, fingerprint: Any) -> Path:
+    """The persistent work directory of a resumable run (checkpoints, completed shards).
+
+    DVC keeps `base` between runs (`persist: true`), so a crashed run resumes. The directory is tied to
+    a fingerprint of everything that decides the result: when the settings change (a new experiment),
+    the old state is removed and the run starts afresh instead of resuming someone else's work.
+    """
+    base = Path(base)
+    marker = base / "fingerprint.json"
+    text = json.dumps(fingerprint, sort_keys=True, default=str)
+    if base.exists() and (not marker.exists() or marker.read_text() != text):
+        shutil.rmtree(base)
+    base.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        marker.write_text(text)
+    return base
+
+
+def file_digest(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 StageFn = Callable[[StageContext], dict[str, Any]]
@@ -84,8 +119,9 @@ def main(name: str, argv: list[str] | None = None) -> None:
     """Plain runner: `python -m stages.<name> [--params params.yaml]` (no Prefect)."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}")
     parser.add_argument("--params", default=str(PARAMS_FILE))
+    parser.add_argument("--variant", default=None, help="variant of a repeated (foreach) stage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    summary = run_stage(name, StageContext(name, load_params(args.params)))
+    summary = run_stage(name, StageContext(name, load_params(args.params), args.variant))
     json.dump(summary, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")

@@ -12,6 +12,7 @@ A class is *seen* when the proposal network's training vocabulary contains its n
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,10 @@ class PreparedDataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def head(self, n: int | None) -> "PreparedDataset":
+        """The same dataset restricted to its first `n` samples (all when n is None)."""
+        return dataclasses.replace(self, samples=self.samples[:n])
 
     def image_path(self, i: int) -> Path:
         return self.root / self.samples[i].image

@@ -1,0 +1,234 @@
+"""Two-stage open-vocabulary inference: MaskFormer proposals, CLIP on masked crops, ensemble, semantic map.
+
+Used by mining (proposals + CLIP), evaluation and the demo CLI (`segment`).
+
+- `proposals`: mask logits [Q, H, W] at the image's size and p_mf [Q, K] = softmax over K + 1
+  (void last) with void dropped, for whatever vocabulary the model holds (`set_vocabulary`).
+  mode "resize" resizes the short side to `size` (default: the model's crop size) and pads to the
+  backbone's stride; mode "slide" then also cuts crop-size windows (stride crop/3 by default, i.e.
+  2/3 overlap as in OVSeg's config) and returns the Q proposals of every window, each with logit
+  `OUTSIDE_WINDOW_LOGIT` (sigmoid ≈ 0) outside its window.
+- `classify_proposals`: p_clip [M, K] = softmax over the K classes of logit_scale · cosine between
+  the masked crop's CLIP feature and the text features, for the M masks that survive thresholding
+  (`keep`); crops come from `ovseg_core.crops.masked_crops`, features from a caller-supplied encoder.
+- `ensemble`: p = p_mf^(1−λ) · p_clip^λ (OVSeg); with a `seen` mask, zsseg's variant, in which seen
+  classes use p_mf^λ · p_clip^(1−λ).
+- `semantic_map`: scores = einsum("qc,qhw->chw", p, sigmoid(mask logits)), labels = argmax over c.
+- `segment`: all of the above. Proposals whose mask is empty after thresholding have no crop and so
+  no CLIP score: they are dropped from the semantic map (they cover no pixel above the threshold;
+  OVSeg's code instead sets p_clip = 1 for them, which inflates them to p_mf^(1−λ)). When no proposal
+  survives, the map falls back to MaskFormer's scores over all proposals, so every pixel gets a class.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .crops import masked_crops
+from .maskformer.model import OpenVocabMaskFormer
+
+OUTSIDE_WINDOW_LOGIT = -100.0  # a sliding-window proposal's logit outside its window (sigmoid ≈ 4e-44)
+NO_MASK_LABEL = -1  # semantic_map's label when it is given no mask at all
+
+Encoder = Callable[[Tensor, Tensor], Tensor]  # (crops [M, 3, S, S], crop masks [M, S, S]) → normalised [M, D]
+
+
+@dataclass
+class Proposals:
+    mask_logits: Tensor  # [Q, H, W] at the input image's size
+    class_probs: Tensor  # [Q, K] MaskFormer's class probabilities, void dropped (rows sum to 1 − p_void)
+
+
+@dataclass
+class ClipScores:
+    probs: Tensor  # [M, K] softmax over the K classes, one row per surviving mask
+    keep: Tensor  # [N] bool: which input masks survived thresholding (have a crop)
+
+
+@dataclass
+class SemanticMap:
+    labels: Tensor  # [H, W] int64 class ids (NO_MASK_LABEL everywhere when given no mask)
+    scores: Tensor | None  # [K, H, W] per-class scores, when asked for
+
+
+@dataclass
+class ClipBranch:
+    """What `segment` needs for the CLIP branch (e.g. encode = partial of clip.mpt.encode_masked)."""
+
+    encode: Encoder
+    text_features: Tensor  # [K, D] CLIP text embeddings of the vocabulary, same class order as the model's
+    size: int  # CLIP's input resolution
+    mean: Sequence[float]  # CLIP's normalisation (0..1 scale)
+    std: Sequence[float]
+    threshold: float  # mask probability threshold for the crop (0.4 Swin-B config, 0.5 R101c)
+    logit_scale: float = 100.0  # CLIP's logit scale (100 for OpenAI weights)
+
+
+@dataclass
+class Segmentation:
+    labels: Tensor  # [H, W] int64
+    class_scores: Tensor  # [S, K] final per-mask class scores of the S masks used in the map
+    mask_indices: Tensor  # [S] index of each of those masks into proposals
+    proposals: Proposals
+    score_maps: Tensor | None  # [K, H, W] when asked for
+
+
+def as_chw(image: np.ndarray | Tensor) -> Tensor:
+    """RGB uint8 numpy [H, W, 3] or torch [3, H, W] → torch uint8 [3, H, W]."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"numpy images must be [H, W, 3], got {image.shape}")
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"torch images must be [3, H, W], got {tuple(image.shape)}")
+    return image
+
+
+def _run(model: OpenVocabMaskFormer, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Normalised images [B, 3, h, w] → (p_mf [B, Q, K], mask logits [B, Q, h, w])."""
+    h, w = images.shape[-2:]
+    d = model.net.size_divisibility
+    padded = F.pad(images, (0, -w % d, 0, -h % d))  # zero = the mean colour after normalisation
+    out = model(pixel_values=padded)
+    probs = out.class_queries_logits.softmax(-1)[..., :-1]
+    masks = F.interpolate(out.masks_queries_logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+    return probs, masks[..., :h, :w]
+
+
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    last = max(length - window, 0)
+    starts = list(range(0, last + 1, stride))
+    return starts if starts[-1] == last else starts + [last]
+
+
+@torch.no_grad()
+def proposals(model: OpenVocabMaskFormer, image: np.ndarray | Tensor, *, size: int | None = None,
+              mode: Literal["resize", "slide"] = "resize", stride: int | None = None, batch_size: int = 8
+              ) -> Proposals:
+    """Mask proposals and MaskFormer class probabilities of one RGB image (see the module docstring)."""
+    device = model.pixel_mean.device
+    image = as_chw(image).to(device)
+    height, width = image.shape[1:]
+    size = size or model.net.crop_size
+    scale = size / min(height, width)
+    rh, rw = max(1, round(height * scale)), max(1, round(width * scale))
+    resized = F.interpolate(image[None].float(), size=(rh, rw), mode="bilinear", align_corners=False,
+                            antialias=True)
+    normalised = model.normalize(resized)
+    was_training = model.training
+    model.eval()
+    try:
+        if mode == "resize":
+            probs, logits = _run(model, normalised)
+            probs, logits = probs[0], logits[0]
+        elif mode == "slide":
+            c = model.net.crop_size
+            stride = stride or max(1, math.ceil(c / 3))
+            canvas = F.pad(normalised, (0, max(c - rw, 0), 0, max(c - rh, 0)))[0]
+            ch, cw = canvas.shape[1:]
+            windows = [(y, x) for y in _window_starts(ch, c, stride) for x in _window_starts(cw, c, stride)]
+            prob_list, logit_list = [], []
+            for i in range(0, len(windows), batch_size):
+                batch = windows[i:i + batch_size]
+                p, m = _run(model, torch.stack([canvas[:, y:y + c, x:x + c] for y, x in batch]))
+                for (y, x), pw, mw in zip(batch, p, m):
+                    full = mw.new_full((mw.shape[0], ch, cw), OUTSIDE_WINDOW_LOGIT)
+                    full[:, y:y + c, x:x + c] = mw
+                    prob_list.append(pw)
+                    logit_list.append(full[:, :rh, :rw])
+            probs, logits = torch.cat(prob_list), torch.cat(logit_list)
+        else:
+            raise ValueError(f"unknown inference mode {mode!r} (use 'resize' or 'slide')")
+    finally:
+        model.train(was_training)
+    logits = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return Proposals(mask_logits=logits, class_probs=probs)
+
+
+@torch.no_grad()
+def classify_proposals(image: np.ndarray | Tensor, mask_probs: Tensor, encode: Encoder, text_features: Tensor,
+                       size: int, mean: Sequence[float], std: Sequence[float], threshold: float,
+                       logit_scale: float = 100.0, batch_size: int = 64) -> ClipScores:
+    """CLIP class probabilities of each surviving masked crop; crops and masks are moved to
+    text_features' device before `encode`."""
+    image = as_chw(image).to(mask_probs.device)
+    crops = masked_crops(image, mask_probs, size, mean, std, threshold)
+    text = F.normalize(text_features.float(), dim=-1)
+    if len(crops) == 0:
+        return ClipScores(probs=text.new_zeros(0, text.shape[0]), keep=crops.keep)
+    features = torch.cat([
+        encode(crops.crops[i:i + batch_size].to(text.device), crops.masks[i:i + batch_size].to(text.device))
+        for i in range(0, len(crops), batch_size)])
+    logits = logit_scale * F.normalize(features.float(), dim=-1) @ text.T
+    return ClipScores(probs=logits.softmax(-1), keep=crops.keep)
+
+
+def ensemble(p_mf: Tensor, p_clip: Tensor, lam: float, seen: Tensor | None = None) -> Tensor:
+    """p_mf^(1−λ) · p_clip^λ per mask and class; with `seen` [K] bool, seen classes take p_mf^λ · p_clip^(1−λ)."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"ensemble weight must lie in [0, 1], got {lam}")
+    if seen is None:
+        return p_mf.pow(1 - lam) * p_clip.pow(lam)
+    clip_weight = torch.where(seen.to(p_mf.device), 1 - lam, lam).to(p_mf.dtype)
+    return p_mf.pow(1 - clip_weight) * p_clip.pow(clip_weight)
+
+
+def semantic_map(class_scores: Tensor, mask_logits: Tensor, return_scores: bool = False,
+                 max_elements: int = 2**24) -> SemanticMap:
+    """labels[h, w] = argmax_c Σ_q class_scores[q, c] · sigmoid(mask_logits[q, h, w]).
+
+    Without `return_scores` the [K, H, W] scores are never held whole: classes are taken in chunks of
+    at most `max_elements` scores, which keeps large vocabularies (ADE-847) at full resolution affordable."""
+    num_masks, k = class_scores.shape
+    height, width = mask_logits.shape[-2:]
+    if num_masks == 0:
+        labels = torch.full((height, width), NO_MASK_LABEL, dtype=torch.long, device=mask_logits.device)
+        return SemanticMap(labels, class_scores.new_zeros(k, height, width) if return_scores else None)
+    masks = mask_logits.sigmoid()
+    if return_scores:
+        scores = torch.einsum("qc,qhw->chw", class_scores, masks)
+        return SemanticMap(scores.argmax(0), scores)
+    best = masks.new_full((height, width), -1.0)
+    labels = torch.zeros((height, width), dtype=torch.long, device=masks.device)
+    chunk = max(1, max_elements // (height * width))
+    for c0 in range(0, k, chunk):
+        scores = torch.einsum("qc,qhw->chw", class_scores[:, c0:c0 + chunk], masks)
+        value, index = scores.max(0)
+        better = value > best
+        best = torch.where(better, value, best)
+        labels = torch.where(better, index + c0, labels)
+    return SemanticMap(labels, None)
+
+
+@torch.no_grad()
+def segment(model: OpenVocabMaskFormer, image: np.ndarray | Tensor, text_features: Tensor | None = None, *,
+            clip: ClipBranch | None = None, lam: float = 0.0, seen: Tensor | None = None, size: int | None = None,
+            mode: Literal["resize", "slide"] = "resize", return_score_maps: bool = False) -> Segmentation:
+    """Open-vocabulary semantic segmentation of one image into the vocabulary of `text_features`
+    (set on the model; None keeps the model's current vocabulary). Without `clip`, MaskFormer alone
+    (λ must then be 0 and `seen` unset)."""
+    if text_features is not None:
+        model.set_vocabulary(text_features)
+    if clip is None and (lam > 0 or seen is not None):
+        raise ValueError("an ensemble weight λ > 0 or a seen mask needs the CLIP branch")
+    props = proposals(model, image, size=size, mode=mode)
+    p_mf, logits = props.class_probs, props.mask_logits
+    every = torch.arange(p_mf.shape[0], device=p_mf.device)
+    scores, used = p_mf, every
+    if clip is not None:
+        if clip.text_features.shape[0] != p_mf.shape[1]:
+            raise ValueError(f"CLIP vocabulary has {clip.text_features.shape[0]} classes, the model {p_mf.shape[1]}")
+        cs = classify_proposals(image, logits.sigmoid(), clip.encode, clip.text_features, clip.size, clip.mean,
+                                clip.std, clip.threshold, clip.logit_scale)
+        if cs.keep.any():
+            used = cs.keep.to(p_mf.device).nonzero().flatten()
+            scores = ensemble(p_mf[used], cs.probs.to(p_mf.device), lam, seen)
+    sm = semantic_map(scores, logits[used], return_scores=return_score_maps)
+    return Segmentation(labels=sm.labels, class_scores=scores, mask_indices=used, proposals=props,
+                        score_maps=sm.scores)

@@ -1,0 +1,113 @@
+"""Stage `mine` (one per variant): mask–category pairs as WebDataset shards (DESIGN.md §4).
+
+Units (shards) are mined into a persistent work directory, `<work>/<variant>`, that survives a crash:
+a rerun keeps every complete shard and mines only the rest. The work directory is tied to a
+fingerprint of everything that decides the pairs (mining settings, models, dataset); when that
+changes, it starts afresh. When all units are complete, the shards are linked into the DVC out
+`<out>/<variant>` with sizes.json, the parquet index and the dataset card.
+
+Units fan out through `ctx.map`: Prefect tasks with retries on a thread pool, or on Dask workers
+(`prefect.task_runner: dask`), each process loading the models once.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+
+from ovseg_core.atomic import atomic_dir, write_json
+from ovseg_core.clip.models import load_clip
+from ovseg_core.datasets.prepared import PreparedDataset
+from ovseg_core.maskformer.model import load_model
+from ovseg_core.mining import Miner, MiningConfig
+from ovseg_core.shards import INDEX_FILE, completed_units, finalize_dataset, shard_name, stats_name
+from stages.common import StageContext, file_digest, main, resumable_dir
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=2)
+def miner_for(spec_json: str) -> Miner:
+    """One Miner per process and spec: threads share it; each Dask worker builds its own."""
+    spec = json.loads(spec_json)
+    cfg = MiningConfig.from_dict(spec["mining"])
+    clip = load_clip(spec["clip_arch"], spec["clip"])
+    clip.model.eval()
+    net = load_model(spec["proposal_net"])[0] if cfg.masks == "proposals" else None
+    return Miner(cfg, PreparedDataset.load(spec["dataset"]), clip, net)
+
+
+def mine_unit(spec_json: str, work: str, unit: int) -> dict[str, int]:
+    torch.set_num_threads(int(json.loads(spec_json)["torch_threads"]))
+    return miner_for(spec_json).mine_unit(unit, work)
+
+
+def fingerprint(spec: dict[str, Any]) -> dict[str, Any]:
+    files = {k: file_digest(spec[k]) for k in ("clip", "proposal_net") if spec.get(k) and Path(spec[k]).is_file()}
+    files["dataset"] = file_digest(Path(spec["dataset"]) / "dataset.json")
+    return {"mining": spec["mining"], "clip_arch": spec["clip_arch"], "files": files}
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    variant, settings = ctx.variant_params("mine")
+    paths = ctx.section("mine")
+    workers = int(ctx.params.get("prefect", {}).get("max_workers", 1))
+    spec = {
+        "mining": settings,
+        "dataset": paths["dataset"],
+        "clip_arch": paths["clip_arch"],
+        "clip": paths["clip"],
+        "proposal_net": paths["proposal_net"],
+        "torch_threads": max(1, (os.cpu_count() or 1) // max(1, workers)),
+    }
+    fp = fingerprint(spec)
+    work = resumable_dir(Path(paths["work"]) / variant, fp)
+    out = Path(paths["out"]) / variant
+
+    miner = miner_for(json.dumps(spec, sort_keys=True))
+    done = set(completed_units(work))
+    todo = [u for u in range(miner.num_units) if u not in done]
+    ctx.log.info("mine %s: %d units, %d already complete, %d to mine", variant, miner.num_units, len(done), len(todo))
+    spec_json = json.dumps(spec, sort_keys=True)
+    ctx.map(functools.partial(mine_unit, spec_json, str(work)), todo, desc=f"mine {variant} units")
+
+    with atomic_dir(out) as tmp:
+        for unit in range(miner.num_units):
+            for name in (shard_name(unit), stats_name(unit)):
+                link_or_copy(work / name, tmp / name)
+        summary = finalize_dataset(tmp, {"variant": variant, **settings, "fingerprint": fp},
+                                   code_version(), expected_units=miner.num_units)
+    nouns = set(pq.read_table(out / INDEX_FILE, columns=["noun"]).column("noun").to_pylist())
+    vocabulary = set(miner.dataset.classes)
+    summary["nouns_outside_training_vocabulary"] = len(nouns - vocabulary)
+    summary["training_classes_mined"] = len(nouns & vocabulary)
+    metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+    write_json(Path(paths["metrics"]) / f"{variant}.json", metrics)
+    rows = [{"key": k, "value": v} for k, v in summary.items() if isinstance(v, (int, float, str))]
+    ctx.publish_table("card", rows, f"Mined pairs ({variant}); dataset card: {out}/README.md")
+    card = (out / "README.md").read_text()
+    ctx.publish_markdown("dataset-card", card, f"Dataset card of {out}")
+    return {"variant": variant, "units": miner.num_units, "resumed_units": len(done), **metrics}
+
+
+if __name__ == "__main__":
+    main("mine")
