@@ -14,7 +14,7 @@ Used by mining (proposals + CLIP), evaluation and the demo CLI (`segment`).
 - `ensemble`: p = p_mf^(1−λ) · p_clip^λ (OVSeg); with a `seen` mask, zsseg's variant, in which seen
   classes use p_mf^λ · p_clip^(1−λ).
 - `semantic_map`: scores = einsum("qc,qhw->chw", p, sigmoid(mask logits)), labels = argmax over c.
-- `segment`: all of the above. Proposals whose mask is empty after thresholding have no crop and so
+- `combine_scores` / `segment`: all of the above. Proposals whose mask is empty after thresholding have no crop and so
   no CLIP score: they are dropped from the semantic map (they cover no pixel above the threshold;
   OVSeg's code instead sets p_clip = 1 for them, which inflates them to p_mf^(1−λ)). When no proposal
   survives, the map falls back to MaskFormer's scores over all proposals, so every pixel gets a class.
@@ -84,7 +84,7 @@ def as_chw(image: np.ndarray | Tensor) -> Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"numpy images must be [H, W, 3], got {image.shape}")
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        return torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)  # copies if read-only
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"torch images must be [3, H, W], got {tuple(image.shape)}")
     return image
@@ -118,8 +118,9 @@ def proposals(model: OpenVocabMaskFormer, image: np.ndarray | Tensor, *, size: i
     size = size or model.net.crop_size
     scale = size / min(height, width)
     rh, rw = max(1, round(height * scale)), max(1, round(width * scale))
-    resized = F.interpolate(image[None].float(), size=(rh, rw), mode="bilinear", align_corners=False,
-                            antialias=True)
+    resized = image[None].float()
+    if (rh, rw) != (height, width):
+        resized = F.interpolate(resized, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
     normalised = model.normalize(resized)
     was_training = model.training
     model.eval()
@@ -147,7 +148,8 @@ def proposals(model: OpenVocabMaskFormer, image: np.ndarray | Tensor, *, size: i
             raise ValueError(f"unknown inference mode {mode!r} (use 'resize' or 'slide')")
     finally:
         model.train(was_training)
-    logits = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    if (rh, rw) != (height, width):
+        logits = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
     return Proposals(mask_logits=logits, class_probs=probs)
 
 
@@ -206,6 +208,18 @@ def semantic_map(class_scores: Tensor, mask_logits: Tensor, return_scores: bool 
     return SemanticMap(labels, None)
 
 
+def combine_scores(props: Proposals, clip: ClipScores | None, lam: float, seen: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """(per-mask class scores [S, K], indices [S] of those masks into the proposals): MaskFormer's over all
+    proposals without CLIP scores; else the ensemble over the masks that have a crop, falling back to
+    MaskFormer's over all proposals when none has one."""
+    p_mf = props.class_probs
+    if clip is None or not clip.keep.any():
+        return p_mf, torch.arange(p_mf.shape[0], device=p_mf.device)
+    used = clip.keep.to(p_mf.device).nonzero().flatten()
+    return ensemble(p_mf[used], clip.probs.to(p_mf.device), lam, seen), used
+
+
 @torch.no_grad()
 def segment(model: OpenVocabMaskFormer, image: np.ndarray | Tensor, text_features: Tensor | None = None, *,
             clip: ClipBranch | None = None, lam: float = 0.0, seen: Tensor | None = None, size: int | None = None,
@@ -218,17 +232,13 @@ def segment(model: OpenVocabMaskFormer, image: np.ndarray | Tensor, text_feature
     if clip is None and (lam > 0 or seen is not None):
         raise ValueError("an ensemble weight λ > 0 or a seen mask needs the CLIP branch")
     props = proposals(model, image, size=size, mode=mode)
-    p_mf, logits = props.class_probs, props.mask_logits
-    every = torch.arange(p_mf.shape[0], device=p_mf.device)
-    scores, used = p_mf, every
+    clip_scores = None
     if clip is not None:
-        if clip.text_features.shape[0] != p_mf.shape[1]:
-            raise ValueError(f"CLIP vocabulary has {clip.text_features.shape[0]} classes, the model {p_mf.shape[1]}")
-        cs = classify_proposals(image, logits.sigmoid(), clip.encode, clip.text_features, clip.size, clip.mean,
-                                clip.std, clip.threshold, clip.logit_scale)
-        if cs.keep.any():
-            used = cs.keep.to(p_mf.device).nonzero().flatten()
-            scores = ensemble(p_mf[used], cs.probs.to(p_mf.device), lam, seen)
-    sm = semantic_map(scores, logits[used], return_scores=return_score_maps)
+        if clip.text_features.shape[0] != model.num_classes:
+            raise ValueError(f"CLIP vocabulary has {clip.text_features.shape[0]} classes, the model {model.num_classes}")
+        clip_scores = classify_proposals(image, props.mask_logits.sigmoid(), clip.encode, clip.text_features,
+                                         clip.size, clip.mean, clip.std, clip.threshold, clip.logit_scale)
+    scores, used = combine_scores(props, clip_scores, lam, seen)
+    sm = semantic_map(scores, props.mask_logits[used], return_scores=return_score_maps)
     return Segmentation(labels=sm.labels, class_scores=scores, mask_indices=used, proposals=props,
                         score_maps=sm.scores)

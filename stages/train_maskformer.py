@@ -22,7 +22,7 @@ from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.inference import segment
 from ovseg_core.maskformer.data import SemanticDataset
 from ovseg_core.maskformer.model import build_model, preset_config, save_model
-from ovseg_core.maskformer.train import TrainConfig, init_distributed, train
+from ovseg_core.maskformer.train import TrainConfig, process_rank, train
 from ovseg_core.metrics import evaluate_dataset
 from stages.common import StageContext, main
 
@@ -46,7 +46,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     log = train(model, SemanticDataset(dataset), cfg, p["checkpoints"], log_path=p["plots"])
     train_s = time.perf_counter() - t0
-    if init_distributed().rank != 0:
+    if process_rank() != 0:
         return {}
     save_model(Path(p["out"]) / "model.pt", model, meta={"classes": dataset.classes, "clip": p["clip"],
                                                         "preset": p["preset"], "train": p["train"]})

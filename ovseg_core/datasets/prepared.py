@@ -100,7 +100,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
     """Decode an image as RGB uint8, or raise DataError naming the file."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))  # writable, so torch.from_numpy needs no copy
     except FileNotFoundError as e:
         raise DataError(path, "image file is missing") from e
     except OSError as e:

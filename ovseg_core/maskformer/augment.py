@@ -2,8 +2,9 @@
 
 The short side is resized to crop_size × s, s ~ U(scale_range) (long side capped at 4 × crop_size),
 a random crop_size window is cut, flipped left-right with probability 1/2, and padded on the
-bottom/right with `pad_value` / the ignore label where the resized image is smaller than the crop. Every random draw comes from
-the numpy Generator passed in, so equal generators give equal outputs.
+bottom/right with `pad_value` / the ignore label where the resized image is smaller than the crop.
+Every random draw comes from the numpy Generator passed in, so equal generators give equal outputs.
+(MaskFormer's optional SSD-style colour jitter, COLOR_AUG_SSD, is not implemented.)
 """
 from __future__ import annotations
 

@@ -72,8 +72,11 @@ class ProposalNetConfig:
     cross_entropy_weight: float = 1.0
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
     pixel_std: tuple[float, float, float] = IMAGENET_STD
-    # divisibility the input is padded to at test time (the backbone's total stride)
-    size_divisibility: int = 32
+
+    @property
+    def size_divisibility(self) -> int:
+        """The backbone's total stride: test-time inputs are padded to a multiple of it."""
+        return self.patch_size * 2 ** (len(self.depths) - 1) if self.backbone == "swin" else 32
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ProposalNetConfig":
@@ -85,7 +88,7 @@ PRESETS: dict[str, ProposalNetConfig] = {
     "tiny": ProposalNetConfig(
         backbone="swin", crop_size=64, patch_size=2, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
         window_size=4, drop_path_rate=0.0, num_queries=24, hidden_dim=64, decoder_layers=3, decoder_ffn_dim=128,
-        decoder_heads=4, dropout=0.0, fpn_dim=64, embed_hidden_dim=128, embed_layers=2, size_divisibility=16,
+        decoder_heads=4, dropout=0.0, fpn_dim=64, embed_hidden_dim=128, embed_layers=2,
     ),
     "paper-swin-b": ProposalNetConfig(backbone="swin", crop_size=640),
     "paper-r101c": ProposalNetConfig(backbone="timm:resnet101c", crop_size=512),
@@ -227,7 +230,8 @@ class OpenVocabMaskFormer(MaskFormerForInstanceSegmentation):
         return super().get_loss(loss_dict)
 
     def backbone_parameter_names(self) -> set[str]:
-        return {f"model.pixel_level_module.encoder.{n}" for n, _ in self.model.pixel_level_module.encoder.named_parameters()}
+        encoder = self.model.pixel_level_module.encoder
+        return {f"model.pixel_level_module.encoder.{n}" for n, _ in encoder.named_parameters()}
 
 
 def build_model(net: ProposalNetConfig, text_features: Tensor, backbone_weights: str | Path | None = None

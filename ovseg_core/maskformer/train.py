@@ -73,6 +73,11 @@ class Distributed:
     started_here: bool  # this call initialised the process group (and so tears it down)
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun (0 when not distributed), without touching the process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed() -> Distributed:
     """Join the torchrun process group when WORLD_SIZE > 1, else describe a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,172 @@
+"""The `ovseg` command. Subcommands register themselves in `SUBCOMMANDS`; today: `segment`.
+
+    ovseg segment IMAGE [IMAGE ...] --classes "sky, kite, grass, golden retriever" [--out segment-out]
+
+For each image, three files in --out, each written atomically and all three only once the image is
+fully segmented (a bad image leaves nothing behind):
+
+    <stem>.overlay.png   the image with the label map blended over it and a legend of the classes found
+    <stem>.labels.png    class ids (index into the class list): uint8, or uint16 beyond 255 classes
+    <stem>.json          classes, every class's pixel share and mean score, sizes, models, λ, latency
+
+Errors: a missing or undecodable image is reported (naming the file) and skipped; the other images
+are still segmented and the command exits 1 at the end. Models that cannot be found or loaded also
+exit 1 (naming the path and the stage that writes it); usage errors (options, an invalid class list,
+two images with the same file stem) exit 2 before any model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import warnings
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .atomic import atomic_file, write_json
+from .errors import DataError, MissingWeightsError
+from .segmenter import (
+    DEFAULT_LAM,
+    DEFAULT_THRESHOLD,
+    DEFAULT_VARIANT,
+    SegmentResult,
+    Segmenter,
+    check_settings,
+    label_ignore,
+    normalize_classes,
+    read_classes_file,
+    result_record,
+)
+from .visualize import save_image, save_label_png
+
+DEFAULT_OUT = Path("segment-out")
+
+
+def output_paths(out: Path, stem: str) -> dict[str, Path]:
+    return {"overlay": out / f"{stem}.overlay.png", "labels": out / f"{stem}.labels.png",
+            "json": out / f"{stem}.json"}
+
+
+def write_outputs(out: Path, image: Path, result: SegmentResult, segmenter: Segmenter) -> dict[str, Path]:
+    """Write the three files of one image; each appears (by rename) only after all three are written."""
+    paths = output_paths(out, image.stem)
+    record = result_record(result, segmenter, image)
+    record["files"] = {k: p.name for k, p in paths.items() if k != "json"}
+    record["labels_dtype"] = "uint8" if label_ignore(len(result.classes)) == 255 else "uint16"
+    record["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with ExitStack() as stack:
+        tmp = {k: stack.enter_context(atomic_file(p, suffix=p.suffix)) for k, p in paths.items()}
+        save_image(tmp["overlay"], result.overlay)
+        save_label_png(tmp["labels"], result.labels, label_ignore(len(result.classes)))
+        write_json(tmp["json"], record)
+    return paths
+
+
+def summary_line(image: Path, result: SegmentResult) -> str:
+    height, width = result.labels.shape
+    found = ", ".join(f"{p['class']} {100 * p['pixel_share']:.1f}%" for p in result.present)
+    return f"{image.name}: {width}x{height}, {result.mode}, {result.seconds:.2f} s — {found}"
+
+
+def _class_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    try:
+        names = read_classes_file(args.classes_file) if args.classes_file else args.classes
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            classes = normalize_classes(names, args.background)
+    except (ValueError, DataError) as e:
+        parser.error(str(e))
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return classes
+
+
+def run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    classes = _class_list(args, parser)
+    try:
+        check_settings(args.lam, args.threshold)
+    except ValueError as e:
+        parser.error(str(e))
+    images = [Path(p) for p in args.images]
+    clashes = sorted(stem for stem, n in Counter(p.stem for p in images).items() if n > 1)
+    if clashes:
+        parser.error(f"images share file stems {clashes}, so their outputs would overwrite each other; "
+                     "segment them in separate runs or with different --out")
+    try:
+        segmenter = Segmenter.load(args.model, maskformer=args.maskformer, clip=args.clip, clip_arch=args.clip_arch,
+                                   clip_variant=args.clip_variant, lam=args.lam, threshold=args.threshold,
+                                   device=args.device)
+    except (DataError, MissingWeightsError) as e:
+        print(f"ovseg segment: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # e.g. an architecture open_clip does not know
+        print(f"ovseg segment: error: {e}", file=sys.stderr)
+        return 1
+    models = segmenter.describe()
+    print(f"models: {models['maskformer']} + CLIP {models['clip_name']} ({models['clip_arch']}) {models['clip']}; "
+          f"{len(classes)} classes, λ={args.lam}, threshold={args.threshold}")
+    failed = 0
+    for image in images:
+        try:
+            result = segmenter.segment(image, classes, mode=args.mode)
+        except DataError as e:
+            print(f"ovseg segment: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        write_outputs(args.out, image, result, segmenter)
+        print(summary_line(image, result))
+    print(f"wrote {len(images) - failed} of {len(images)} images to {args.out}")
+    return 1 if failed else 0
+
+
+def add_segment(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "segment", help="segment images into any list of class names",
+        description="Segment images into the classes you name (any words: CLIP's text tower encodes them).",
+        epilog="writes <stem>.overlay.png, <stem>.labels.png (class ids) and <stem>.json per image into --out.\n"
+               "exit status: 0 all written; 1 a model or some image could not be read (the other images are\n"
+               "still written); 2 a usage error (options, class list, images sharing a file stem).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    names = p.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classes", help='comma-separated class names, e.g. "sky, kite, grass, golden retriever"')
+    names.add_argument("--classes-file", type=Path, help="text file with one class name per line (# comments)")
+    p.add_argument("--background", metavar="NAME",
+                   help='append this class (e.g. "others"); required to segment a single named class')
+    p.add_argument("--model", type=Path, metavar="RUN_DIR",
+                   help="a run's models/ directory (default: the repository's models/, written by `dvc repro`)")
+    p.add_argument("--maskformer", type=Path, help="proposal network file (overrides the run directory's)")
+    p.add_argument("--clip", type=Path, help="adapted-CLIP directory or CLIP checkpoint file (overrides --clip-variant)")
+    p.add_argument("--clip-arch", help="open_clip architecture of a --clip checkpoint that does not record it")
+    p.add_argument("--clip-variant", default=DEFAULT_VARIANT,
+                   help=f"adapted CLIP under <RUN_DIR>/adapt_clip/, or 'original' (default {DEFAULT_VARIANT})")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
+    p.add_argument("--lam", type=float, default=DEFAULT_LAM, help=f"CLIP ensemble weight λ (default {DEFAULT_LAM})")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"mask threshold of the CLIP crops (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--mode", choices=("auto", "resize", "slide"), default="auto",
+                   help="whole image at once, sliding windows, or auto: windows only for images over 2:1")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.set_defaults(handler=run_segment, parser=p)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_segment,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ovseg", description="Open-vocabulary semantic segmentation (OVSeg).")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args, args.parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
