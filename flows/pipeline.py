@@ -54,7 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-server", action="store_true", help="don't start the local Prefect server")
     parser.add_argument("repro_args", nargs="*", help="passed to dvc repro")
     args = parser.parse_args(argv)
+    os.chdir(REPO)  # params paths are relative to the repository root, as in dvc.yaml
 
+    from stages.common import PARAMS_FILE, load_params
+    from stages.validate import check
+
+    problems = check(load_params(REPO / PARAMS_FILE))
+    if problems:  # one error listing everything missing, before any stage starts
+        print(f"{PARAMS_FILE}: this run cannot start; provide:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+        return 1
+    # dvc.yaml's `python` must be this environment's, also when it was not activated
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     if not args.no_server:
         from flows.server import start
 

@@ -8,6 +8,7 @@ summary becomes a table artifact. No Prefect result caching: DVC decides what re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from uuid import UUID
 import flows  # noqa: F401  (configures Prefect's environment first)
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, create_markdown_artifact, update_progress_artifact
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ovseg_core import progress
@@ -45,6 +47,22 @@ def task_runner(cfg: dict[str, Any]):
         return DaskTaskRunner(cluster_kwargs={"n_workers": int(cfg.get("max_workers", 2)),
                                               "threads_per_worker": 1, "processes": True})
     raise ValueError(f"params.yaml prefect.task_runner: unknown runner {kind!r} (threads | dask)")
+
+
+def local_dask_api(cfg: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """Settings under which a local Dask cluster's workers report to this process's Prefect API.
+
+    In ephemeral mode (no PREFECT_API_URL) the context Prefect ships with each task to a Dask worker
+    carries no API URL, so every worker process would start a temporary server of its own on the same
+    database (tens of seconds each on a busy machine); this points them at the flow run's server.
+    """
+    if cfg.get("task_runner") != "dask" or cfg.get("dask_address") or PREFECT_API_URL.value():
+        return contextlib.nullcontext()
+    from prefect.server.api.server import SubprocessASGIServer  # the temporary server of ephemeral mode
+
+    server = SubprocessASGIServer()
+    server.start()  # already running for this flow run: returns at once
+    return temporary_settings(updates={PREFECT_API_URL: server.api_url})
 
 
 class PrefectStageContext(StageContext):
@@ -108,7 +126,8 @@ def stage_flow(name: str, params: dict[str, Any], variant: str | None = None) ->
         hook = ProgressArtifacts(label)
         progress.add_hook(hook)
         try:
-            summary = run_stage(name, ctx)
+            with local_dask_api(cfg):
+                summary = run_stage(name, ctx)
         finally:
             progress.remove_hook(hook)
         rows = [{"key": k, "value": v} for k, v in summary.items() if not isinstance(v, (dict, list))]

@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 
 from .clip.adapted import ADAPTED_FILE, AdaptedClip, load_adapted
-from .clip.models import _peek_metadata  # the architecture `save_clip` records beside the weights
+from .clip.models import checkpoint_metadata
 from .clip.text import TextFeatureCache
 from .datasets.prepared import load_rgb
 from .errors import DataError, MissingWeightsError
@@ -263,7 +263,7 @@ class Segmenter:
                               clip_variant=clip_variant)
         arch = files.clip_arch
         if arch is None and files.clip.is_file():
-            arch = _peek_metadata(files.clip).get("arch")
+            arch = checkpoint_metadata(files.clip).get("arch")
             if arch is None:
                 raise DataError(files.clip, "this CLIP checkpoint does not record its architecture: name it "
                                             "(--clip-arch, e.g. ViT-L-14)")

@@ -39,7 +39,7 @@ class AdaptedClip:
 
     @property
     def logit_scale(self) -> float:
-        return float(self.bundle.model.logit_scale.exp())
+        return self.bundle.model.logit_scale.detach().exp().item()
 
 
 def write_adapted(directory: str | Path, name: str, arch: str, clip: str | Path, prompts: str | Path | None) -> Path:

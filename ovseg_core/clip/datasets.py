@@ -26,10 +26,10 @@ from .models import ClipBundle
 def clip_pixels(image: np.ndarray, size: int) -> torch.Tensor:
     """uint8 [3, size, size] from an RGB uint8 [H, W, 3] image: CLIP's resize + centre crop, no normalisation."""
     if image.shape[0] == size and image.shape[1] == size:
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+        return torch.tensor(image).permute(2, 0, 1).contiguous()  # a copy: decoded images are read-only
     pil = Image.fromarray(image)
     pil = CenterCrop(size)(Resize(size, interpolation=InterpolationMode.BICUBIC)(pil))
-    return torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
 
 
 def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -108,6 +108,7 @@ class SegmentProbe:
     scene_labels: torch.Tensor  # [N]
     boxes: torch.Tensor  # [M, 3, S, S]
     masked: torch.Tensor  # [M, 3, S, S]
+    masks: torch.Tensor  # [M, S, S] bool, the masked crops' masks (for mask prompts)
     segment_labels: torch.Tensor  # [M]
 
     def names(self, seen: bool) -> list[str]:
@@ -126,7 +127,7 @@ def segment_probe(
     indices = [i for i, s in enumerate(prepared.samples) if s.label is not None][:max_images]
     if not indices:
         raise DataError(prepared.root / DATASET_FILE, "no labelled samples to probe CLIP with")
-    scenes, scene_labels, boxes, masked, labels = [], [], [], [], []
+    scenes, scene_labels, boxes, masked, masks, labels = [], [], [], [], [], []
     for i in track(indices, total=len(indices), desc=f"probe {prepared.name}"):
         image, label = prepared.load_image(i), torch.from_numpy(prepared.load_label(i))
         if label.shape != image.shape[:2]:
@@ -141,14 +142,15 @@ def segment_probe(
         if len(present) == 0:
             continue
         region = label[None] == present[:, None, None]
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        pixels = torch.tensor(image).permute(2, 0, 1)
         cut = masked_crops(pixels, region, image_size, mean, std)
         box = torch.zeros_like(region)
         for k, (x0, y0, x1, y1) in enumerate(cut.boxes.tolist()):
             box[k, y0:y1, x0:x1] = True  # a full box as the "mask": the crop keeps the object's surroundings
         boxes.append(masked_crops(pixels, box, image_size, mean, std).crops)
         masked.append(cut.crops)
-        labels.append(present)
+        masks.append(cut.masks)
+        labels.append(present[cut.indices])
     if not scenes:
         raise DataError(prepared.root / DATASET_FILE, "every probed label map is entirely ignore")
     empty = torch.zeros(0, 3, image_size, image_size)
@@ -159,5 +161,6 @@ def segment_probe(
         scene_labels=torch.tensor(scene_labels),
         boxes=torch.cat(boxes) if boxes else empty,
         masked=torch.cat(masked) if masked else empty,
+        masks=torch.cat(masks) if masks else torch.zeros(0, image_size, image_size, dtype=torch.bool),
         segment_labels=torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
     )

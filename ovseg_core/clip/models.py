@@ -91,7 +91,7 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
-def _peek_metadata(path: Path) -> dict[str, Any]:
+def checkpoint_metadata(path: Path) -> dict[str, Any]:
     """Read the metadata `save_clip` stores beside the state dict (empty for foreign checkpoints)."""
     if path.suffix in (".safetensors", ".npz", ".npy"):
         return {}
@@ -102,6 +102,36 @@ def _peek_metadata(path: Path) -> dict[str, Any]:
     if isinstance(payload, dict) and "ovseg_clip" in payload:
         return payload["ovseg_clip"]
     return {}
+
+
+def resolve_pretrained(arch: str, pretrained: str | Path, cache_dir: str | None = None) -> Path:
+    """The local weights file behind an open_clip pretrained tag (from the local cache only) or a path.
+
+    Cheap (nothing is built), so configurations can be validated before any stage runs. Raises
+    MissingWeightsError saying which file to provide where.
+    """
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown CLIP architecture {arch!r}; open_clip knows {open_clip.list_models()}")
+    pcfg = open_clip.get_pretrained_cfg(arch, str(pretrained))
+    if pcfg:
+        checkpoint, looked = _cached_tag_file(pcfg, cache_dir)
+        if checkpoint is None:
+            raise MissingWeightsError(
+                f"CLIP weights {arch} / {pretrained!r} are not in the local cache and nothing is downloaded here. "
+                "Provide one of: " + "; ".join(looked) + ". "
+                f"E.g. on a connected machine run `python -c \"import open_clip; open_clip.create_model('{arch}', "
+                f"pretrained='{pretrained}')\"` and copy the Hugging Face hub cache (HF_HOME) here, "
+                "or pass the weights file's local path as `pretrained`."
+            )
+        return checkpoint
+    checkpoint = Path(pretrained)
+    if not checkpoint.is_file():
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise MissingWeightsError(
+            f"{pretrained!r} is neither an existing checkpoint file nor an open_clip pretrained tag "
+            f"for {arch} (tags: {tags})."
+        )
+    return checkpoint
 
 
 def load_clip(
@@ -125,28 +155,13 @@ def load_clip(
     checkpoint: Path | None = None
     quick_gelu = bool(open_clip.get_model_config(arch).get("quick_gelu", False))
     if pretrained is not None:
+        checkpoint = resolve_pretrained(arch, pretrained, cache_dir)
         pcfg = open_clip.get_pretrained_cfg(arch, str(pretrained))
         if pcfg:
-            checkpoint, looked = _cached_tag_file(pcfg, cache_dir)
-            if checkpoint is None:
-                raise MissingWeightsError(
-                    f"CLIP weights {arch} / {pretrained!r} are not in the local cache and nothing is downloaded here. "
-                    "Provide one of: " + "; ".join(looked) + ". "
-                    f"E.g. on a connected machine run `python -c \"import open_clip; open_clip.create_model('{arch}', "
-                    f"pretrained='{pretrained}')\"` and copy the Hugging Face hub cache (HF_HOME) here, "
-                    "or pass the weights file's local path as `pretrained`."
-                )
             quick_gelu = bool(pcfg.get("quick_gelu", quick_gelu))
             kwargs["force_preprocess_cfg"] = {k: pcfg[k] for k in _PREPROCESS_KEYS if k in pcfg}
         else:
-            checkpoint = Path(pretrained)
-            if not checkpoint.is_file():
-                tags = open_clip.list_pretrained_tags_by_model(arch)
-                raise MissingWeightsError(
-                    f"{pretrained!r} is neither an existing checkpoint file nor an open_clip pretrained tag "
-                    f"for {arch} (tags: {tags})."
-                )
-            meta = {} if _is_torchscript(checkpoint) else _peek_metadata(checkpoint)
+            meta = {} if _is_torchscript(checkpoint) else checkpoint_metadata(checkpoint)
             if meta:
                 if meta["arch"] != arch:
                     raise DataError(checkpoint, f"checkpoint is for architecture {meta['arch']!r}, not {arch!r}")

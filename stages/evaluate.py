@@ -1,0 +1,182 @@
+"""Stage `evaluate` (one per CLIP variant): zero-shot segmentation scores of MaskFormer only, CLIP only and
+the ensemble on every evaluation set, from one pass of proposals and CLIP crop scores per image.
+
+The variant's CLIP is `evaluate.variants.<variant>.clip`: an adapted-CLIP directory, or the pretrained
+CLIP checkpoint for `original`. Each set's vocabulary is its class names through the ViLD templates
+with that CLIP's (frozen) text tower. Images are cut into chunks that fan out through `ctx.map` and
+whose confusion matrices are summed.
+
+Writes
+- `<metrics>/<variant>.json`: {dataset: {branch: {mIoU, fwIoU, pACC, mACC, seen_mIoU, unseen_mIoU, hIoU,
+  images_per_s}, images_per_s}} (a branch's images_per_s: that branch alone; the set's: all three together);
+- `<plots>/<variant>/per-class/<dataset>.csv` (class, seen, IoU per branch) and
+  `<plots>/<variant>/confusion/<dataset>.csv` (the ensemble's `confusion_plot_rows`), one directory per
+  kind so that dvc.yaml gives each kind its template once;
+- `<predictions>/<variant>/<dataset>/`: the first `examples` images, their ground truth and each branch's
+  raw label PNG, with `index.json`, for the report's qualitative figure.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ovseg_core.atomic import atomic_dir, atomic_file, write_json
+from ovseg_core.clip.adapted import AdaptedClip, load_adapted
+from ovseg_core.datasets.prepared import PreparedDataset
+from ovseg_core.evaluation import BRANCHES, BranchResult, BranchSegmenter, evaluate_branches
+from ovseg_core.maskformer.model import load_model
+from ovseg_core.metrics import confusion_plot_rows
+from ovseg_core.visualize import save_label_png
+from stages.common import StageContext, main
+
+# Per-set settings that a dataset entry may override (e.g. λ 0.7 for ADE, 0.6 for Pascal Context).
+DATASET_KEYS = ("lambda", "mask_threshold", "seen_lambda", "size", "mode")
+INDEX_FILE = "index.json"
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Rows with the same keys as one CSV file, atomically (None → empty cell)."""
+    if not rows:
+        raise ValueError(f"{path}: no rows to write")
+    with atomic_file(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def dataset_settings(settings: dict[str, Any], name: str) -> dict[str, Any]:
+    """One evaluation set's settings: its root (default `<prepared>/<name>`) and the common values of
+    `DATASET_KEYS`, overridden by the set's own entry."""
+    entry = settings["datasets"][name] or {}
+    unknown = set(entry) - {"root", *DATASET_KEYS}
+    if unknown:
+        raise KeyError(f"params.yaml evaluate datasets.{name}: unknown keys {sorted(unknown)}")
+    merged = {k: settings.get(k) for k in DATASET_KEYS} | entry
+    merged.setdefault("root", Path(settings["prepared"]) / name)
+    merged["root"] = str(Path(merged["root"]).resolve())
+    if merged["lambda"] is None or merged["mask_threshold"] is None:
+        raise KeyError(f"params.yaml evaluate: no lambda / mask_threshold for dataset {name}")
+    return merged
+
+
+@functools.lru_cache(maxsize=2)
+def clip_for(path: str, arch: str, device: str) -> AdaptedClip:
+    return load_adapted(path, arch, device)
+
+
+@functools.lru_cache(maxsize=8)
+def segmenter_for(spec_json: str, name: str) -> tuple[BranchSegmenter, PreparedDataset]:
+    """One proposal network per dataset (each holds that set's vocabulary), so that units of different
+    sets can run side by side in threads; the CLIP is shared."""
+    spec = json.loads(spec_json)
+    ds = spec["datasets"][name]
+    dataset = PreparedDataset.load(ds["root"])
+    model, _ = load_model(spec["proposal_net"], spec["device"])
+    adapted = clip_for(spec["clip"], spec["clip_arch"], spec["device"])
+    return BranchSegmenter.build(model, adapted, dataset.classes, ds["mask_threshold"], ds["size"], ds["mode"]), dataset
+
+
+def evaluate_unit(spec_json: str, unit: tuple[str, int, int]) -> BranchResult:
+    """Evaluate images start..stop-1 of one set (a `ctx.map` work unit)."""
+    name, start, stop = unit
+    spec = json.loads(spec_json)
+    torch.set_num_threads(int(spec["torch_threads"]))
+    segmenter, dataset = segmenter_for(spec_json, name)
+    ds = spec["datasets"][name]
+    return evaluate_branches(segmenter, dataset, float(ds["lambda"]), seen_lambda=bool(ds["seen_lambda"]),
+                             indices=range(start, stop), keep_examples=int(spec["examples"]),
+                             desc=f"{name} {start}-{stop - 1}")
+
+
+def metrics_entry(result: BranchResult, dataset: PreparedDataset) -> dict[str, Any]:
+    per_branch = result.metrics(dataset.classes, dataset.seen)
+    entry: dict[str, Any] = {b: {**m.to_dict(), "images_per_s": round(result.images_per_s(b), 2)}
+                             for b, m in per_branch.items()}
+    entry["images_per_s"] = round(result.images_per_s(), 2)
+    return entry
+
+
+def per_class_rows(result: BranchResult, dataset: PreparedDataset) -> list[dict[str, Any]]:
+    per_branch = result.metrics(dataset.classes, dataset.seen)
+    rows = []
+    for c, (name, seen) in enumerate(zip(dataset.classes, dataset.seen)):
+        row: dict[str, Any] = {"class": name, "seen": seen}
+        for b in BRANCHES:
+            iou = per_branch[b].iou[c]
+            row[b] = None if np.isnan(iou) else round(float(iou), 4)
+        rows.append(row)
+    return rows
+
+
+def write_examples(directory: Path, result: BranchResult, dataset: PreparedDataset, lam: float) -> None:
+    samples = []
+    for ex in result.examples:
+        sub = f"{ex.index:05d}"
+        (directory / sub).mkdir(parents=True)
+        Image.fromarray(ex.image).save(directory / sub / "image.png")
+        save_label_png(directory / sub / "gt.png", ex.label, dataset.ignore_label)
+        for branch, labels in ex.predictions.items():
+            save_label_png(directory / sub / f"{branch}.png", labels, dataset.ignore_label)
+        samples.append({"index": ex.index, "id": ex.id, "image": f"{sub}/image.png", "label": f"{sub}/gt.png",
+                        "predictions": {b: f"{sub}/{b}.png" for b in ex.predictions}})
+    write_json(directory / INDEX_FILE, {"dataset": dataset.name, "classes": dataset.classes, "seen": dataset.seen,
+                                        "ignore_label": dataset.ignore_label, "lambda": lam, "samples": samples})
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    variant, settings = ctx.variant_params("evaluate")
+    workers = int(ctx.params.get("prefect", {}).get("max_workers", 1))
+    datasets = {name: dataset_settings(settings, name) for name in settings["datasets"]}
+    spec = {
+        # absolute paths: the spec keys the per-process model caches and travels to the workers
+        "proposal_net": str(Path(settings["proposal_net"]).resolve()),
+        "clip": str(Path(settings["clip"]).resolve()),
+        "clip_arch": settings["clip_arch"],
+        "device": resolve_device(settings.get("device", "auto")),
+        "datasets": datasets,
+        "examples": int(settings.get("examples", 0)),
+        "torch_threads": max(1, (os.cpu_count() or 1) // max(1, workers)),
+    }
+    spec_json = json.dumps(spec, sort_keys=True)
+    chunk = int(settings.get("chunk_images", 100))
+    loaded = {name: PreparedDataset.load(ds["root"]) for name, ds in datasets.items()}
+    units = [(name, start, min(start + chunk, len(d)))
+             for name, d in loaded.items() for start in range(0, len(d), chunk)]
+    ctx.log.info("evaluate %s: %d sets, %d units of up to %d images", variant, len(loaded), len(units), chunk)
+    parts = ctx.map(functools.partial(evaluate_unit, spec_json), units, desc=f"evaluate {variant}")
+
+    metrics, table = {}, []
+    plots_dir, pred_dir = Path(settings["plots"]) / variant, Path(settings["predictions"]) / variant
+    with atomic_dir(plots_dir) as plots_tmp, atomic_dir(pred_dir) as pred_tmp:
+        for name, dataset in loaded.items():
+            result = BranchResult.merge([p for u, p in zip(units, parts) if u[0] == name])
+            metrics[name] = metrics_entry(result, dataset)
+            write_csv(plots_tmp / "per-class" / f"{name}.csv", per_class_rows(result, dataset))
+            write_csv(plots_tmp / "confusion" / f"{name}.csv",
+                      confusion_plot_rows(result.confusion["ensemble"], dataset.classes))
+            write_examples(pred_tmp / name, result, dataset, float(datasets[name]["lambda"]))
+            table += [{"dataset": name, "branch": b, "lambda": datasets[name]["lambda"] if b == "ensemble" else None,
+                       **{k: metrics[name][b][k] for k in ("mIoU", "seen_mIoU", "unseen_mIoU", "hIoU")}}
+                      for b in BRANCHES]
+    write_json(Path(settings["metrics"]) / f"{variant}.json", metrics)
+    ctx.publish_table("scores", table, f"Zero-shot scores with CLIP variant {variant}")
+    return {"variant": variant, **{f"{name}_{b}_mIoU": metrics[name][b]["mIoU"] for name in metrics for b in BRANCHES},
+            **{f"{name}_images_per_s": metrics[name]["images_per_s"] for name in metrics}}
+
+
+if __name__ == "__main__":
+    main("evaluate")

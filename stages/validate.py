@@ -1,0 +1,90 @@
+"""Check a params file before any stage starts, and select a recipe.
+
+    python -m stages.validate                                   # check params.yaml
+    python -m stages.validate --use configs/paper-swinb-vitl14.yaml   # check it, then make it params.yaml
+
+Everything a run needs from outside the pipeline is checked at once — dataset roots in their
+official layouts, CLIP weights (open_clip tag in the local cache, or a file), MaskFormer backbone
+weights, NLTK data for the chosen tagger — and reported in ONE error listing every missing item
+and what to put where. Paths the pipeline itself produces (the embedded world) are not required.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from ovseg_core.clip.models import resolve_pretrained
+from ovseg_core.datasets.registry import DATASETS
+from ovseg_core.errors import MissingWeightsError
+from ovseg_core.nouns import NounConfig, NounExtractor
+from stages.common import PARAMS_FILE, load_params
+
+
+def produced_by_pipeline(path: str, params: dict[str, Any]) -> bool:
+    world_out = params.get("world", {}).get("out")
+    return bool(world_out) and Path(path).is_relative_to(Path(world_out))
+
+
+def check(params: dict[str, Any]) -> list[str]:
+    """Every problem found (empty when the run can start)."""
+    problems: list[str] = []
+    prepare = params.get("prepare", {})
+    entries = [("prepare.train", prepare.get("train"))]
+    if prepare.get("web"):
+        entries.append(("prepare.web", prepare["web"]))
+    entries += [(f"prepare.eval.{name}", entry) for name, entry in (prepare.get("eval") or {}).items()]
+    for where, entry in entries:
+        if not entry:
+            problems.append(f"{where}: missing")
+            continue
+        if entry.get("reader") not in DATASETS:
+            problems.append(f"{where}.reader: unknown reader {entry.get('reader')!r} (known: {', '.join(DATASETS)})")
+            continue
+        root = str(entry.get("root"))
+        if not produced_by_pipeline(root, params) and not Path(root).is_dir():
+            problems.append(f"{where}: dataset root {root} not found; expected "
+                            f"{DATASETS[entry['reader']].description}")
+    clip = params.get("pretrain_clip", {})
+    if clip.get("pretrained"):
+        try:
+            resolve_pretrained(clip["arch"], clip["pretrained"])
+        except (MissingWeightsError, ValueError) as e:
+            problems.append(f"pretrain_clip.pretrained: {e}")
+    weights = params.get("train_maskformer", {}).get("backbone_weights")
+    if weights and not Path(weights).is_file():
+        problems.append(f"train_maskformer.backbone_weights: {weights} not found (a Swin-B / ResNet-101 ImageNet "
+                        "checkpoint; see README 'Paper recipe')")
+    nouns = (params.get("mine", {}).get("common") or {}).get("nouns") or {}
+    tagger = str(nouns.get("tagger", "nltk-default"))
+    if not tagger.startswith("trained:"):  # a trained tagger's corpus is produced by the world stage
+        try:
+            NounExtractor(NounConfig.from_dict(nouns)).nouns("a dog on the grass")
+        except Exception as e:  # noqa: BLE001 - report any missing NLTK resource with its install command
+            problems.append(f"mine.common.nouns: {e}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.validate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("params", nargs="?", default=str(PARAMS_FILE))
+    parser.add_argument("--use", metavar="RECIPE", help="validate RECIPE, then copy it over params.yaml")
+    args = parser.parse_args(argv)
+    path = Path(args.use or args.params)
+    problems = check(load_params(path))
+    if problems:
+        print(f"{path}: this run cannot start; provide:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+        return 1
+    if args.use:
+        shutil.copyfile(path, PARAMS_FILE)
+        print(f"{path} is valid and is now {PARAMS_FILE}; run `python -m flows.pipeline` (or `dvc repro`)")
+    else:
+        print(f"{path}: everything the run needs is in place")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Shared session fixtures: a tiny embedded world, tiny random-init models, and stage params on them.
+
+Everything is built in pytest's temporary directories, once per test session, through the same code
+the pipeline runs (world generator, dataset readers, model constructors, the mining stage):
+
+- `tiny_world`      the generated world (official layouts) and its prepared sets (`TinyWorld`)
+- `tiny_models`     random-init tiny CLIP + tiny MaskFormer saved to files (`TinyModels`)
+- `mine_params`     a factory: params.yaml-shaped dict for the `mine` stage on the tiny world
+- `tiny_mined`      the tiny world mined once by the real `mine` stage (plain runner, `TinyMined`)
+
+Session-scoped fixtures are shared by every test file: treat what they return as read-only (copy a
+directory before changing it).
+
+Prefect in tests: this module points the whole test session (and the subprocesses it starts) at a fresh
+temporary state directory before anything imports Prefect, so flows run in Prefect's ephemeral mode
+with their own database and never touch the project's `.ovseg/` state or a running server.
+"""
+from __future__ import annotations
+
+import atexit
+import copy
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+_PREFECT_STATE = tempfile.mkdtemp(prefix="ovseg-test-state-")
+atexit.register(shutil.rmtree, _PREFECT_STATE, True)  # registered first, so it runs after Prefect's server stops
+for _key in [k for k in os.environ if k.startswith("PREFECT_")]:
+    del os.environ[_key]
+os.environ["OVSEG_STATE_DIR"] = _PREFECT_STATE  # flows.env finds no project server file there
+os.environ["PREFECT_HOME"] = os.path.join(_PREFECT_STATE, "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"  # first start migrates a new database
+os.environ["DVC_NO_ANALYTICS"] = "1"
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository (stages resolve relative paths from here)
+NLTK_DATA = ROOT / ".ovseg" / "nltk_data"  # WordNet for noun lemmas (scripts/install_nltk_data.sh)
+TINY_CLIP_ARCH = "ovseg-tiny-vit"
+MINE_VARIANTS = {
+    "proposals-nouns": {"masks": "proposals", "categories": "nouns"},
+    "gt-classes": {"masks": "gt", "categories": "gt_classes"},
+}
+
+# Big enough for several mining units with captions naming seen and unseen classes, small enough to
+# generate and prepare in a second or two.
+TINY_WORLD = {
+    "seed": 3,
+    "image_size": 64,
+    "web_images": 16,
+    "web_captions_per_image": 1,
+    "coco_images": 24,
+    "captions_per_image": 3,
+    "eval_sets": {"world-eval": {"images": 8}},
+}
+
+
+@dataclass(frozen=True)
+class TinyWorld:
+    root: Path  # generate_world output: coco/, web/, eval/world-eval/, world.json, pos_tagged_captions.txt
+    coco: Path  # prepared "world-coco" (coco-stuff-171-json with captions): seen classes only
+    web: Path  # prepared "world-web" (coco-captions, caption-only)
+    eval: Path  # prepared "world-eval" (ade20k-150 layout, all classes, seen flags from coco's classes)
+    config: dict[str, Any]  # the WorldConfig mapping it was generated from
+
+    @property
+    def tagged_captions(self) -> Path:
+        """word/TAG captions for the `trained:<path>` noun tagger."""
+        return self.root / "pos_tagged_captions.txt"
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    clip_arch: str  # open_clip architecture name of `clip`
+    clip: Path  # save_clip file of a random-init tiny CLIP (seed 0)
+    proposal_net: Path  # save_model file of a random-init tiny MaskFormer over world-coco's class names
+    classes: list[str]  # the proposal network's training vocabulary (world-coco's classes)
+
+
+@dataclass(frozen=True)
+class TinyMined:
+    params: dict[str, Any]  # the params it was mined with (see `mine_params`)
+    variant: str  # "proposals-nouns"
+    out: Path  # the stage's final out: shards, stats, sizes.json, index.parquet, README.md
+    work: Path  # the stage's persistent work directory of this variant
+    summary: dict[str, Any]  # what the stage returned
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> TinyWorld:
+    """A tiny embedded world, generated and prepared as the `world` and `prepare` stages do."""
+    from ovseg_core.datasets.registry import prepare_dataset
+    from ovseg_core.world import WorldConfig, generate_world
+
+    base = tmp_path_factory.mktemp("tiny-world")
+    root = base / "world"
+    generate_world(root, WorldConfig.from_dict(TINY_WORLD, source="tests/conftest.py"))
+    prepared = base / "prepared"
+    coco = prepare_dataset("coco-stuff-171-json", root / "coco", prepared / "world-coco", "train2017",
+                           options={"captions": True}, dataset_name="world-coco")
+    prepare_dataset("coco-captions", root / "web", prepared / "world-web", "train2017", dataset_name="world-web")
+    prepare_dataset("ade20k-150", root / "eval" / "world-eval", prepared / "world-eval", "validation",
+                    train_vocabulary=coco.classes, dataset_name="world-eval")
+    return TinyWorld(root=root, coco=prepared / "world-coco", web=prepared / "world-web",
+                     eval=prepared / "world-eval", config=copy.deepcopy(TINY_WORLD))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_world, tmp_path_factory) -> TinyModels:
+    """Random-init stand-ins for the pretrained CLIP and the trained proposal network, saved as the
+    pretrain / train_maskformer stages save theirs (deterministic: fixed seeds)."""
+    from ovseg_core.clip.models import load_clip, save_clip
+    from ovseg_core.clip.text import text_features
+    from ovseg_core.datasets.prepared import PreparedDataset
+    from ovseg_core.maskformer.model import build_model, preset_config, save_model
+
+    out = tmp_path_factory.mktemp("tiny-models")
+    classes = PreparedDataset.load(tiny_world.coco).classes
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        clip = load_clip(TINY_CLIP_ARCH)
+        save_clip(clip, out / "clip.pt")
+        torch.manual_seed(1)
+        net = build_model(preset_config("tiny"), text_features(clip, classes))
+        save_model(out / "model.pt", net, meta={"classes": classes, "clip": str(out / "clip.pt")})
+    return TinyModels(clip_arch=TINY_CLIP_ARCH, clip=out / "clip.pt", proposal_net=out / "model.pt",
+                      classes=classes)
+
+
+@pytest.fixture(scope="session")
+def mine_params(tiny_world, tiny_models) -> Callable[..., dict[str, Any]]:
+    """Factory `mine_params(base, prefect=None, **common)`: params for the `mine` stage on the tiny world,
+    with out/work/metrics under `base`; `common` overrides `mine.common` (e.g. images_per_unit),
+    `prefect` the `prefect:` section. Variants: proposals-nouns, gt-classes."""
+
+    def make(base: Path, prefect: dict[str, Any] | None = None, **common: Any) -> dict[str, Any]:
+        base = Path(base)
+        return {
+            # no task retries: a failing unit should fail the test, not be retried
+            "prefect": {"task_runner": "threads", "max_workers": 2, "task_retries": 0, **(prefect or {})},
+            "mine": {
+                "dataset": str(tiny_world.coco),
+                "clip_arch": tiny_models.clip_arch,
+                "clip": str(tiny_models.clip),
+                "proposal_net": str(tiny_models.proposal_net),
+                "out": str(base / "mined"),
+                "work": str(base / "work"),
+                "metrics": str(base / "metrics"),
+                "common": {
+                    "num_captions": 1,
+                    "top_proposals": 12,
+                    "images_per_unit": 3,
+                    "image_format": "png",
+                    "nouns": {"tagger": f"trained:{tiny_world.tagged_captions}", "nltk_data": str(NLTK_DATA)},
+                    **common,
+                },
+                "variants": copy.deepcopy(MINE_VARIANTS),
+            },
+        }
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_mined(mine_params, tmp_path_factory) -> TinyMined:
+    """The tiny world mined (proposals-nouns) by the real `mine` stage, uninterrupted, in-process."""
+    from stages.common import StageContext, run_stage
+
+    params = mine_params(tmp_path_factory.mktemp("tiny-mined"))
+    threads = torch.get_num_threads()
+    try:
+        summary = run_stage("mine", StageContext("mine", params, "proposals-nouns"))
+    finally:
+        torch.set_num_threads(threads)  # the stage sets its per-worker thread count
+    section = params["mine"]
+    return TinyMined(params=params, variant="proposals-nouns", out=Path(section["out"]) / "proposals-nouns",
+                     work=Path(section["work"]) / "proposals-nouns", summary=summary)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Send Prefect's queued logs and stop its temporary API server (if a test started one) now, while
+    pytest's captured stderr, to which Prefect's console log handler writes, is still open; at
+    interpreter exit it is closed."""
+    server = sys.modules.get("prefect.server.api.server")
+    if server is not None:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+        for instance in list(server.SubprocessASGIServer._instances.values()):
+            instance.stop()
