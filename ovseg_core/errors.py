@@ -15,3 +15,14 @@ class DataError(Exception):
 
 class MissingWeightsError(Exception):
     """Pretrained weights that cannot be found offline; the message says what to provide."""
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """A UTF-8 text file's contents, or DataError naming the file and saying what it was meant to be."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise DataError(path, f"{what} is missing") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(path, f"{what} cannot be read as UTF-8 text: {e}") from e

@@ -52,7 +52,7 @@ from .clip.adapted import ADAPTED_FILE, AdaptedClip, load_adapted
 from .clip.models import checkpoint_metadata
 from .clip.text import TextFeatureCache
 from .datasets.prepared import load_rgb
-from .errors import DataError, MissingWeightsError
+from .errors import DataError, MissingWeightsError, read_text_file
 from .inference import ClipBranch, Segmentation, segment
 from .maskformer.model import OpenVocabMaskFormer, load_model
 from .visualize import MAX_CLASSES, overlay
@@ -161,13 +161,7 @@ def normalize_classes(names: str | Iterable[str], background: str | None = None)
 def read_classes_file(path: str | Path) -> list[str]:
     """Class names from a text file, one per line (commas are part of a name); blank lines and lines
     starting with '#' are skipped."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise DataError(path, "class list file is missing") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(path, f"class list file cannot be read as UTF-8 text: {e}") from e
+    text = read_text_file(path, "class list file")
     return [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 

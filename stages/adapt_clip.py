@@ -24,6 +24,7 @@ from ovseg_core.clip.pairs import MinedPairSamples
 from ovseg_core.clip.probe import probe_metrics
 from ovseg_core.clip.train import ClipTrainConfig, train_clip
 from ovseg_core.datasets.prepared import PreparedDataset
+from ovseg_core.errors import DataError
 from stages.common import StageContext, file_digest, main, resumable_dir
 
 TRAIN_KEYS = {f for f in ClipTrainConfig.__dataclass_fields__}
@@ -53,6 +54,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
                          "without prompts (original or fine-tuned)")
     samples = MinedPairSamples(Path(paths["pairs"]) / s["pairs"], base.bundle.image_size,
                                base.bundle.mean, base.bundle.std)
+    if len(samples) == 0:
+        raise DataError(Path(paths["pairs"]) / s["pairs"], "no mined pairs to adapt CLIP on (see the mine stage's "
+                        "metrics: the proposal network may give no mask above the threshold)")
     out = Path(paths["out"]) / variant
     plots = Path(paths["plots"]) / f"{variant}.json"
     t0 = time.perf_counter()

@@ -106,7 +106,8 @@ def test_deep_prompts_replace_background_tokens_at_chosen_layers(bundle):
 
 def test_prompt_depth_limits(bundle):
     for depth in (1, 3, 6):
-        assert MaskPrompts.for_visual(bundle.model.visual, depth).mask_embedding.shape == (depth, 64, 128)
+        width = bundle.model.visual.transformer.width
+        assert MaskPrompts.for_visual(bundle.model.visual, depth).mask_embedding.shape == (depth, 64, width)
     with pytest.raises(ValueError, match="exceeds"):
         MaskPrompts.for_visual(bundle.model.visual, 12)
     with pytest.raises(ValueError, match="depth must be"):
@@ -119,7 +120,7 @@ def test_prompts_need_masks_and_matching_shapes(bundle):
     with pytest.raises(ValueError, match="need the crops' masks"):
         encode_masked(bundle, images, None, prompts)
     with pytest.raises(ValueError, match="do not fit"):
-        encode_masked(bundle, images, masks, MaskPrompts(1, 49, 128))
+        encode_masked(bundle, images, masks, MaskPrompts(1, 49, bundle.model.visual.transformer.width))
     with pytest.raises(ValueError, match="crops must be 64x64"):
         encode_masked(bundle, torch.zeros(1, 3, 32, 32))
 

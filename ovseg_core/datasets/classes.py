@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..errors import DataError
+from ..errors import DataError, read_text_file
 
 # COCO-Stuff marks merged or catch-all classes with these suffixes ("wall-other", "tree-merged", "desk-stuff").
 _COCO_SUFFIXES = ("-other", "-merged", "-stuff")
@@ -61,12 +61,7 @@ def normalise_name(name: str) -> str:
 def read_object_info(path: Path) -> ClassList:
     """ADE's class file: `objectInfo{K}.csv` (comma-separated, synonyms split by ';') or the challenge's
     `objectInfo150.txt` (tab-separated, synonyms split by ', '). Columns Idx,Ratio,Train,Val,Name; Idx = 1..K."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise DataError(path, "class file is missing") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(path, f"class file is unreadable: {e}") from e
+    text = read_text_file(path, "class file")
     header = text.splitlines()[0] if text.strip() else ""
     delimiter, separator = ("\t", ",") if "\t" in header else (",", ";")
     rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
