@@ -98,10 +98,12 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory):
         run(cmd, root, env)
     port = free_port()
     run([sys.executable, "-m", "flows.server", "start", "--port", str(port)], root, env)
-    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-    first = run(["dvc", "repro"], root, env)
-    yield root, env, first
-    run([sys.executable, "-m", "flows.server", "stop"], root, env, check=False)
+    try:
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        first = run(["dvc", "repro"], root, env)
+        yield root, env, first
+    finally:  # never leave the server behind, also when the repro fails
+        run([sys.executable, "-m", "flows.server", "stop"], root, env, check=False)
 
 
 def stage_names(root: Path) -> set[str]:
