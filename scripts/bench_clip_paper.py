@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from ovseg_core.clip import MaskPrompts, encode_masked, load_clip
+from ovseg_core.clip.models import load_clip
+from ovseg_core.clip.mpt import MaskPrompts, encode_masked
 
 
 def bench(arch: str, batch: int, depth: int) -> dict[str, float]:

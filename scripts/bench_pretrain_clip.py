@@ -33,7 +33,9 @@ import open_clip
 import torch
 
 from ovseg_core.atomic import write_json
-from ovseg_core.clip import ClipBundle, ClipTrainConfig, load_clip, save_clip, train_clip, zero_shot_accuracy
+from ovseg_core.clip.models import ClipBundle, load_clip, save_clip
+from ovseg_core.clip.train import ClipTrainConfig, train_clip
+from ovseg_core.clip.zeroshot import zero_shot_accuracy
 from ovseg_core.clip.datasets import CaptionImageDataset, clip_pixels, normalise, segment_probe
 from ovseg_core.crops import masked_crops
 from ovseg_core.datasets.prepared import PreparedDataset

@@ -17,7 +17,6 @@ Writes
 """
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import os
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ovseg_core.atomic import atomic_dir, atomic_file, write_json
+from ovseg_core.atomic import atomic_dir, write_csv, write_json
 from ovseg_core.clip.adapted import AdaptedClip, load_adapted
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.evaluation import BRANCHES, BranchResult, BranchSegmenter, evaluate_branches
@@ -40,16 +39,6 @@ from stages.common import StageContext, main
 # Per-set settings that a dataset entry may override (e.g. λ 0.7 for ADE, 0.6 for Pascal Context).
 DATASET_KEYS = ("lambda", "mask_threshold", "seen_lambda", "size", "mode")
 INDEX_FILE = "index.json"
-
-
-def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Rows with the same keys as one CSV file, atomically (None → empty cell)."""
-    if not rows:
-        raise ValueError(f"{path}: no rows to write")
-    with atomic_file(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def resolve_device(name: str) -> str:

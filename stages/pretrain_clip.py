@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from ovseg_core.atomic import write_json
-from ovseg_core.clip import ClipBundle, ClipTrainConfig, load_clip, save_clip, train_clip, zero_shot_accuracy
+from ovseg_core.clip.models import ClipBundle, load_clip, save_clip
+from ovseg_core.clip.train import ClipTrainConfig, train_clip
+from ovseg_core.clip.zeroshot import zero_shot_accuracy
 from ovseg_core.clip.datasets import CaptionImageDataset, SegmentProbe, segment_probe
 from ovseg_core.datasets.prepared import CAPTIONS_FILE, DATASET_FILE, PreparedDataset
 from ovseg_core.training.checkpoint import load_checkpoint

@@ -21,11 +21,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ovseg_core.atomic import atomic_dir, write_json  # noqa: E402
+from ovseg_core.atomic import atomic_dir, write_csv, write_json  # noqa: E402
 from ovseg_core.datasets.prepared import PreparedDataset  # noqa: E402
 from ovseg_core.evaluation import SweepResult, sweep  # noqa: E402
 from stages.common import StageContext, main  # noqa: E402
-from stages.evaluate import resolve_device, segmenter_for, write_csv  # noqa: E402
+from stages.evaluate import resolve_device, segmenter_for  # noqa: E402
 
 SCORES = ("mIoU", "fwIoU", "pACC", "mACC", "seen_mIoU", "unseen_mIoU", "hIoU")
 

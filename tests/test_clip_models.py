@@ -2,7 +2,7 @@ import open_clip
 import pytest
 import torch
 
-from ovseg_core.clip import load_clip, save_clip
+from ovseg_core.clip.models import load_clip, save_clip
 from ovseg_core.errors import DataError, MissingWeightsError
 
 torch.set_num_threads(1)

@@ -1,14 +1,8 @@
 import pytest
 import torch
 
-from ovseg_core.clip import (
-    MaskPrompts,
-    encode_masked,
-    load_clip,
-    load_prompts,
-    patch_mask,
-    save_prompts,
-)
+from ovseg_core.clip.models import load_clip
+from ovseg_core.clip.mpt import MaskPrompts, encode_masked, load_prompts, patch_mask, save_prompts
 from ovseg_core.errors import DataError
 
 torch.set_num_threads(1)

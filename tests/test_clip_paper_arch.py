@@ -3,7 +3,8 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from ovseg_core.clip import MaskPrompts, encode_masked, load_clip
+from ovseg_core.clip.models import load_clip
+from ovseg_core.clip.mpt import MaskPrompts, encode_masked
 from ovseg_core.crops import masked_crops
 
 torch.set_num_threads(2)

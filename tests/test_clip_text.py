@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovseg_core.clip import VILD_TEMPLATES, TextFeatureCache, load_clip, text_features
+from ovseg_core.clip.models import load_clip
+from ovseg_core.clip.text import VILD_TEMPLATES, TextFeatureCache, text_features
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from ovseg_core.clip import ClipTrainConfig, DedupClipLoss, load_clip, save_clip, train_clip
+from ovseg_core.clip.models import load_clip, save_clip
+from ovseg_core.clip.train import ClipTrainConfig, DedupClipLoss, train_clip
 from ovseg_core.errors import DataError
 
 torch.set_num_threads(1)

@@ -3,7 +3,10 @@ import math
 import pytest
 import torch
 
-from ovseg_core.clip import MaskPrompts, encode_masked, load_clip, text_features, zero_shot_accuracy
+from ovseg_core.clip.models import load_clip
+from ovseg_core.clip.mpt import MaskPrompts, encode_masked
+from ovseg_core.clip.text import text_features
+from ovseg_core.clip.zeroshot import zero_shot_accuracy
 from ovseg_core.clip.zeroshot import zero_shot_predict
 
 torch.set_num_threads(1)

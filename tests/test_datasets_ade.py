@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ovseg_core.datasets import PreparedDataset, prepare_dataset
+from ovseg_core.datasets.prepared import PreparedDataset
+from ovseg_core.datasets.registry import prepare_dataset
 from ovseg_core.datasets.class_names import ADE20K_847
 from ovseg_core.errors import DataError
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ovseg_core.datasets import PreparedDataset, prepare_dataset
+from ovseg_core.datasets.prepared import PreparedDataset
+from ovseg_core.datasets.registry import prepare_dataset
 from ovseg_core.datasets.class_names import COCO_STUFF_182, COCO_STUFF_UNUSED
 from ovseg_core.errors import DataError
 

@@ -8,7 +8,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from ovseg_core.datasets import PreparedDataset, prepare_dataset
+from ovseg_core.datasets.prepared import PreparedDataset
+from ovseg_core.datasets.registry import prepare_dataset
 from ovseg_core.datasets.class_names import PASCAL_CONTEXT_459
 from ovseg_core.errors import DataError
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ovseg_core.datasets import DATASETS, PreparedDataset, prepare_dataset
+from ovseg_core.datasets.prepared import PreparedDataset
+from ovseg_core.datasets.registry import DATASETS, prepare_dataset
 from ovseg_core.datasets import class_names as cn
 from ovseg_core.datasets.classes import ClassList, normalise_name, read_name_list, read_numbered_labels
 from ovseg_core.errors import DataError

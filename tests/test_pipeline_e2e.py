@@ -166,6 +166,29 @@ def test_one_adaptation_param_reruns_only_what_depends_on_it(pipeline):
         (root / "params.yaml").write_text(original)
 
 
+def test_experiment_with_a_set_param_runs_and_is_listed_with_its_metrics(pipeline):
+    root, env, _ = pipeline
+    before = {name: (root / name).read_text() for name in ("params.yaml", "dvc.lock")}
+    exp = run(["dvc", "exp", "run", "-n", "depth1", "-S", "adapt_clip.variants.mpt.prompt_depth=1"], root, env)
+    ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
+    assert "adapt_clip@mpt" in ran and "evaluate@mpt" in ran
+    assert not {"adapt_clip@ft", "train_maskformer", "mine@proposals-nouns"} & ran
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env).stdout)
+    experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
+    depth1 = [e for e in experiments if e.get("name") == "depth1"]
+    assert depth1, f"dvc exp show does not list the experiment: {[e.get('name') for e in experiments]}"
+    data = depth1[0]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["adapt_clip"]["variants"]["mpt"]["prompt_depth"] == 1
+    assert "metrics/evaluate/mpt.json" in data["metrics"]
+    # back to the baseline params: only the same chain reruns (its metrics are not cached outs)
+    for name, text in before.items():
+        (root / name).write_text(text)
+    back = run(["dvc", "repro"], root, env).stdout
+    rerun = {line.split("'")[1] for line in back.splitlines() if line.startswith("Running stage")}
+    assert rerun and rerun <= ran
+    assert json.loads(run(["dvc", "status", "--json"], root, env).stdout) == {}
+
+
 def test_failed_stage_is_failed_in_prefect_and_rerun_continues(pipeline):
     root, env, _ = pipeline
     annotations = root / "data" / "world" / "coco" / "annotations" / "instances_train2017.json"

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ovseg_core.clip import load_clip
+from ovseg_core.clip.models import load_clip
 from ovseg_core.clip.datasets import CaptionImageDataset, normalise, segment_probe
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.errors import DataError, MissingWeightsError

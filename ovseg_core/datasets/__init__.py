@@ -1,5 +1,6 @@
-"""Dataset readers for the official layouts, and the one prepared form they all convert to."""
-from .prepared import PreparedDataset, PreparedWriter, Sample, load_rgb
-from .registry import DATASETS, DatasetSpec, prepare_dataset
+"""Dataset readers for the official layouts (`registry` and one module per format), and the one
+prepared form they all convert to (`prepared`).
 
-__all__ = ["DATASETS", "DatasetSpec", "PreparedDataset", "PreparedWriter", "Sample", "load_rgb", "prepare_dataset"]
+Import from the submodules: this package loads nothing itself, so that a pipeline stage that only
+reads prepared data does not depend (in dvc.yaml) on every reader.
+"""

@@ -1,0 +1,85 @@
+"""dvc.yaml lists, for every stage, the code that stage imports: editing any module a stage runs must
+make DVC rerun it (and nothing else). Checked by following the imports of each stage's module."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from dvc.repo import Repo
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("ovseg_core", "stages")
+# Orchestration only: how a stage is launched and monitored, not what it computes.
+NOT_COMPUTATION = {"stages/__init__.py", "stages/common.py", "ovseg_core/__init__.py", "ovseg_core/progress.py"}
+
+
+def module_file(name: str) -> Path | None:
+    path = REPO.joinpath(*name.split("."))
+    if (path / "__init__.py").exists():
+        return path / "__init__.py"
+    return path.with_suffix(".py") if path.with_suffix(".py").exists() else None
+
+
+def imported_modules(source: Path) -> set[str]:
+    """Names of the project modules that `source` imports (a package's import also loads its __init__)."""
+    tree = ast.parse(source.read_text(), filename=str(source))
+    package = ".".join(source.relative_to(REPO).with_suffix("").parts[:-1])
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    found = set()
+    for name in names:
+        if name.split(".")[0] not in PACKAGES:
+            continue
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__, a/b/__init__ and c
+            if module_file(".".join(parts[:i])):
+                found.add(".".join(parts[:i]))
+    return found
+
+
+def code_closure(module: str) -> set[str]:
+    """Repository-relative files of every project module `module` loads, itself included."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(imported_modules(module_file(name)) - seen)
+    files = {module_file(name).relative_to(REPO).as_posix() for name in seen}
+    if "ovseg_core.clip.models" in seen:  # it registers every open_clip model config in this folder
+        files.add("ovseg_core/model_configs")
+    return files - NOT_COMPUTATION
+
+
+def covered(file: str, deps: list[str]) -> bool:
+    return any(file == dep or file.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+def stage_deps() -> dict[str, list[str]]:
+    with Repo(str(REPO)) as repo:
+        return {stage.name: [Path(dep.def_path).as_posix() for dep in stage.deps] for stage in repo.index.stages}
+
+
+def test_closure_follows_imports():
+    # stages.sweep imports stages.evaluate, which imports ovseg_core.evaluation; all must be found
+    files = code_closure("stages.sweep")
+    assert {"stages/sweep.py", "stages/evaluate.py", "ovseg_core/evaluation.py", "ovseg_core/atomic.py"} <= files
+    assert not any(f.startswith("flows/") for f in files)
+
+
+@pytest.mark.parametrize("stage, deps", sorted(stage_deps().items()))
+def test_stage_lists_the_code_it_runs(stage: str, deps: list[str]):
+    module = "stages." + stage.split("@")[0]
+    missing = sorted(f for f in code_closure(module) if not covered(f, deps))
+    assert not missing, f"dvc.yaml stage {stage!r} runs code it does not list as deps: {missing}"
