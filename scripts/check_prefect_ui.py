@@ -37,6 +37,8 @@ def screenshot(url: str, out: Path, chromium: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=".ovseg/ui")
+    parser.add_argument("--flow-run-of", default="mine-proposals-nouns",
+                        help="also screenshot the latest completed run of this flow (its artifacts tab)")
     args = parser.parse_args(argv)
     api = start()
     ui = api.removesuffix("/api")
@@ -62,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, path in PAGES.items():
+    pages = dict(PAGES)
+    completed = [r for r in runs if r.state_name == "Completed" and flow_names.get(r.flow_id) == args.flow_run_of]
+    if completed:  # one stage's own page: its task runs, logs and artifacts
+        latest = max(completed, key=lambda r: r.start_time or r.created)
+        pages[f"flow-run-{args.flow_run_of}"] = f"/runs/flow-run/{latest.id}?tab=Artifacts"
+    for name, path in pages.items():
         target = out / f"{name}.png"
         screenshot(f"{ui}{path}", target, chromium)
         print(f"screenshot {ui}{path} -> {target}")
