@@ -20,6 +20,7 @@ from uuid import UUID
 import flows  # noqa: F401  (configures Prefect's environment first)
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, create_markdown_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -74,7 +75,9 @@ class PrefectStageContext(StageContext):
 
     def map(self, fn: Callable[[T], R], items: Iterable[T], desc: str) -> list[R]:
         items = list(items)
-        unit = task(fn, name=f"{self.name}-{artifact_key(desc)}",
+        # NO_CACHE: DVC decides what reruns; Prefect's default policy would also try to hash the
+        # unit's source (a functools.partial has none) and log an error for every task run.
+        unit = task(fn, name=f"{self.name}-{artifact_key(desc)}", cache_policy=NO_CACHE, persist_result=False,
                     retries=int(self.cfg.get("task_retries", 2)),
                     retry_delay_seconds=float(self.cfg.get("retry_delay_s", 1)))
         futures = unit.map(items)

@@ -21,7 +21,7 @@ from pathlib import Path
 import flows  # noqa: F401  (project Prefect environment)
 from flows.server import start
 
-PAGES = {"runs": "/runs", "artifacts": "/artifacts"}
+PAGES = {"runs": "/runs", "artifacts": "/artifacts", "report-headline": "/artifacts/key/report-headline"}
 
 
 def screenshot(url: str, out: Path, chromium: str) -> None:

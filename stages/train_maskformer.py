@@ -41,8 +41,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     clip = load_clip(p["clip_arch"], p["clip"])
     text = text_features(clip, dataset.classes)
     net = preset_config(p["preset"], **(p.get("net") or {}))
-    model = build_model(net, text, backbone_weights=p.get("backbone_weights"))
     cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in p["train"].items()})
+    torch.manual_seed(cfg.seed)  # the random initialisation: the same params give the same model
+    model = build_model(net, text, backbone_weights=p.get("backbone_weights"))
     t0 = time.perf_counter()
     log = train(model, SemanticDataset(dataset), cfg, p["checkpoints"], log_path=p["plots"])
     train_s = time.perf_counter() - t0

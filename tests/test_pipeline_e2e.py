@@ -119,8 +119,11 @@ def flow_runs(env: dict[str, str]) -> list[dict[str, Any]]:
             "    flows = {f.id: f.name for f in c.read_flows(limit=200)}\n"
             "    runs = c.read_flow_runs(limit=200)\n"
             "    arts = c.read_artifacts(limit=200)\n"
+            "    from prefect.client.schemas.filters import LogFilter, LogFilterLevel\n"
+            "    errors = c.read_logs(log_filter=LogFilter(level=LogFilterLevel(ge_=40)), limit=50)\n"
             "    print(json.dumps({'runs': [{'flow': flows.get(r.flow_id), 'state': r.state_name, 'tags': r.tags,"
-            " 'id': str(r.id)} for r in runs], 'artifacts': [a.key for a in arts if a.key]}))")
+            " 'id': str(r.id)} for r in runs], 'artifacts': [a.key for a in arts if a.key],"
+            " 'errors': [e.message.splitlines()[0] for e in errors]}))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -134,6 +137,7 @@ def test_every_stage_ran_and_reported_to_prefect(pipeline):
     for stage in stage_names(root):
         name, _, variant = stage.partition("@")
         assert (f"{name}-{variant}" if variant else name) in completed, f"no completed flow run for {stage}"
+    assert not seen["errors"], f"error logs in a successful run: {seen['errors'][:5]}"
     assert any(key.endswith("-result") for key in seen["artifacts"])
     assert any(key.startswith("mine-") and key.endswith("card") for key in seen["artifacts"])
     assert (root / "reports" / "report.md").is_file()
