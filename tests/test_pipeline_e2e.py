@@ -170,6 +170,20 @@ def test_one_adaptation_param_reruns_only_what_depends_on_it(pipeline):
         (root / "params.yaml").write_text(original)
 
 
+def test_a_mode_setting_reruns_only_the_variants_of_that_mode(pipeline):
+    root, env, _ = pipeline
+    original = (root / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["adapt_clip"]["modes"]["ft"]["lr"] *= 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        changed = {s for s in json.loads(run(["dvc", "status", "--json"], root, env).stdout) if s.startswith("adapt_clip@")}
+        ft_variants = {f"adapt_clip@{k}" for k, v in params["adapt_clip"]["variants"].items() if v["mode"] == "ft"}
+        assert changed == ft_variants, changed
+    finally:
+        (root / "params.yaml").write_text(original)
+
+
 def test_experiment_with_a_set_param_runs_and_is_listed_with_its_metrics(pipeline):
     root, env, _ = pipeline
     before = {name: (root / name).read_text() for name in ("params.yaml", "dvc.lock")}
