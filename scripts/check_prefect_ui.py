@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=".ovseg/ui")
     parser.add_argument("--flow-run-of", default="mine-proposals-nouns",
-                        help="also screenshot the latest completed run of this flow (its artifacts tab)")
+                        help="also screenshot the latest completed run of this flow (its task runs and logs)")
     args = parser.parse_args(argv)
     api = start()
     ui = api.removesuffix("/api")
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pages = dict(PAGES)
     completed = [r for r in runs if r.state_name == "Completed" and flow_names.get(r.flow_id) == args.flow_run_of]
-    if completed:  # one stage's own page: its task runs, logs and artifacts
+    if completed:  # one stage's own page: its task runs on a timeline, and its logs
         latest = max(completed, key=lambda r: r.start_time or r.created)
-        pages[f"flow-run-{args.flow_run_of}"] = f"/runs/flow-run/{latest.id}?tab=Artifacts"
+        pages[f"flow-run-{args.flow_run_of}"] = f"/runs/flow-run/{latest.id}"
     for name, path in pages.items():
         target = out / f"{name}.png"
         screenshot(f"{ui}{path}", target, chromium)

@@ -65,6 +65,11 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> s
     return proc
 
 
+def stages_run(output: str) -> set[str]:
+    """The stages a `dvc repro` / `dvc exp run` (or its --dry run) says it runs."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,7 +168,7 @@ def test_one_adaptation_param_reruns_only_what_depends_on_it(pipeline):
         assert not any(s.startswith(("world", "prepare", "pretrain_clip", "train_maskformer", "mine")) for s in changed)
         assert not {"adapt_clip@ft", "adapt_clip@ft-mpt"} & changed
         dry = run(["dvc", "repro", "--dry"], root, env).stdout
-        ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+        ran = stages_run(dry)
         assert "adapt_clip@mpt" in ran and "adapt_clip@ft" not in ran and "train_maskformer" not in ran
         assert ran - {"adapt_clip@mpt"} <= {s for s in stage_names(root) if s.startswith(("evaluate@mpt", "sweep", "report"))}
     finally:
@@ -188,7 +193,7 @@ def test_experiment_with_a_set_param_runs_and_is_listed_with_its_metrics(pipelin
     root, env, _ = pipeline
     before = {name: (root / name).read_text() for name in ("params.yaml", "dvc.lock")}
     exp = run(["dvc", "exp", "run", "-n", "depth1", "-S", "adapt_clip.variants.mpt.prompt_depth=1"], root, env)
-    ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
+    ran = stages_run(exp.stdout)
     assert "adapt_clip@mpt" in ran and "evaluate@mpt" in ran
     assert not {"adapt_clip@ft", "train_maskformer", "mine@proposals-nouns"} & ran
     shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env).stdout)
@@ -202,7 +207,7 @@ def test_experiment_with_a_set_param_runs_and_is_listed_with_its_metrics(pipelin
     for name, text in before.items():
         (root / name).write_text(text)
     back = run(["dvc", "repro"], root, env).stdout
-    rerun = {line.split("'")[1] for line in back.splitlines() if line.startswith("Running stage")}
+    rerun = stages_run(back)
     assert rerun and rerun <= ran
     assert json.loads(run(["dvc", "status", "--json"], root, env).stdout) == {}
 

@@ -1,7 +1,6 @@
 """`ovseg segment` and the `Segmenter` API, on tiny random-init stand-in models laid out as a run's models/."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from ovseg_core.datasets.prepared import PreparedDataset, PreparedWriter
 from ovseg_core.maskformer.model import build_model, preset_config, save_model
 from ovseg_core.metrics import ConfusionMatrix
 from ovseg_core.segmenter import Segmenter, choose_mode, normalize_classes
+from scripts.bench_segment import cli_miou
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
@@ -223,13 +223,6 @@ def test_explicit_model_files_and_the_original_clip(run_dir, images, tmp_path):
     assert exit_.value.code == 2
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_segment", REPO / "scripts" / "bench_segment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_scores_the_cli_label_maps(run_dir, tmp_path):
     classes, seen = ["sky", "grass", "ball"], [True, True, False]
     root = tmp_path / "prepared" / "mini-eval"
@@ -243,7 +236,7 @@ def test_bench_scores_the_cli_label_maps(run_dir, tmp_path):
             label[16:40, 21:32] = 2
             label[:2] = 255
             writer.add(f"img{i}", image, label)
-    result = _load_bench().cli_miou(run_dir, root, 2)
+    result = cli_miou(run_dir, root, 2)
     assert result["images"] == 2 and result["classes"] == 3 and result["seen_classes"] == 2
     assert 0 < result["latency_s_mean"] <= result["latency_s_max"]
 

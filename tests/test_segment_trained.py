@@ -14,7 +14,6 @@ for platform noise: mIoU at least FLOOR_MIOU and at least FLOOR_OVER_BASELINE ti
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 from pathlib import Path
 
@@ -24,7 +23,9 @@ from PIL import Image
 
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.metrics import ConfusionMatrix
+from scripts.bench_segment import cli_miou
 from stages.common import StageContext, load_params, run_stage
+from test_pipeline_e2e import set_key
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_IMAGES = 24
@@ -44,22 +45,13 @@ SMALLER = {  # params.yaml keys → values: a smaller world and shorter training
 }
 
 
-def _set(params: dict, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    node = params
-    for key in parents:
-        node = node[key]
-    assert leaf in node, f"params.yaml has no {dotted!r}"
-    node[leaf] = value
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     """A working directory in which the first four stages ran; returns it (models/ and data/ inside)."""
     work = tmp_path_factory.mktemp("trained-run")
     params = load_params(REPO / "params.yaml")
     for key, value in SMALLER.items():
-        _set(params, key, copy.deepcopy(value))
+        set_key(params, key, copy.deepcopy(value))
     params["prefect"]["task_retries"] = 0
     cwd = os.getcwd()
     os.chdir(work)  # params.yaml's paths are relative to the working directory, as under `dvc repro`
@@ -69,13 +61,6 @@ def trained_run(tmp_path_factory) -> Path:
     finally:
         os.chdir(cwd)
     return work
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_segment", REPO / "scripts" / "bench_segment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def constant_answer_miou(dataset: PreparedDataset, count: int) -> float:
@@ -93,7 +78,7 @@ def test_cli_segments_held_out_images_with_their_class_names_above_the_floor(tra
     prepared = trained_run / "data" / "prepared" / "world-eval"
     dataset = PreparedDataset.load(prepared)
     assert not all(dataset.seen), "the vocabulary must include classes the proposal network never saw"
-    result = _bench().cli_miou(trained_run / "models", prepared, EVAL_IMAGES, clip_variant="original")
+    result = cli_miou(trained_run / "models", prepared, EVAL_IMAGES, clip_variant="original")
     baseline = constant_answer_miou(dataset, EVAL_IMAGES)
     print(f"CLI on {EVAL_IMAGES} held-out images: mIoU {result['mIoU']:.1f} (seen {result['seen_mIoU']:.1f}, "
           f"unseen {result['unseen_mIoU']:.1f}), constant answer {baseline:.1f}, "
