@@ -22,9 +22,10 @@ from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, create_markdown_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from ovseg_core import progress
+from ovseg_core.compute import ComputeConfig
 from stages.common import PARAMS_FILE, StageContext, load_params, run_stage
 
 T = TypeVar("T")
@@ -36,18 +37,26 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower())).strip("-")
 
 
-def task_runner(cfg: dict[str, Any]):
+def task_runner(cfg: dict[str, Any], compute: ComputeConfig):
+    """Where a stage's work units run: threads in this process, a pool of `compute.processes`
+    processes, or Dask workers (a local cluster of `compute.processes` processes, or the cluster at
+    `dask_address`: e.g. one worker per GPU)."""
     kind = cfg.get("task_runner", "threads")
-    if kind == "threads":
-        return ThreadPoolTaskRunner(max_workers=int(cfg.get("max_workers", 2)))
     if kind == "dask":
+        import dask
         from prefect_dask import DaskTaskRunner
 
         if cfg.get("dask_address"):
             return DaskTaskRunner(address=cfg["dask_address"])
-        return DaskTaskRunner(cluster_kwargs={"n_workers": int(cfg.get("max_workers", 2)),
-                                              "threads_per_worker": 1, "processes": True})
-    raise ValueError(f"params.yaml prefect.task_runner: unknown runner {kind!r} (threads | dask)")
+        # non-daemonic workers: a unit may start DataLoader worker processes of its own
+        dask.config.set({"distributed.worker.daemon": False})
+        return DaskTaskRunner(cluster_kwargs={"n_workers": compute.processes, "threads_per_worker": 1,
+                                              "processes": True})
+    if kind != "threads":
+        raise ValueError(f"params.yaml prefect.task_runner: unknown runner {kind!r} (threads | dask)")
+    if compute.processes > 1:
+        return ProcessPoolTaskRunner(max_workers=compute.processes)
+    return ThreadPoolTaskRunner(max_workers=int(cfg.get("max_workers", 2)))
 
 
 def local_dask_api(cfg: dict[str, Any]) -> contextlib.AbstractContextManager:
@@ -72,6 +81,11 @@ class PrefectStageContext(StageContext):
     def __init__(self, name: str, params: dict[str, Any], variant: str | None = None):
         super().__init__(name, params, variant)
         self.cfg = params.get("prefect", {})
+
+    @property
+    def concurrent_units(self) -> int:
+        threads = self.cfg.get("task_runner", "threads") == "threads" and self.compute.processes == 1
+        return int(self.cfg.get("max_workers", 2)) if threads else 1
 
     def map(self, fn: Callable[[T], R], items: Iterable[T], desc: str) -> list[R]:
         items = list(items)
@@ -139,7 +153,8 @@ def stage_flow(name: str, params: dict[str, Any], variant: str | None = None) ->
         logger.info("stage %s done: %s", label, json.dumps(summary, default=str)[:2000])
         return summary
 
-    return flow(name=label, log_prints=True, retries=0, task_runner=task_runner(cfg),
+    compute = ComputeConfig.for_stage(params, name, variant)
+    return flow(name=label, log_prints=True, retries=0, task_runner=task_runner(cfg, compute),
                 persist_result=False)(body)
 
 

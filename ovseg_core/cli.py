@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .atomic import atomic_file, write_json
+from .compute import ComputeError
 from .errors import DataError, MissingWeightsError
 from .segmenter import (
     DEFAULT_LAM,
@@ -97,8 +98,8 @@ def run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     try:
         segmenter = Segmenter.load(args.model, maskformer=args.maskformer, clip=args.clip, clip_arch=args.clip_arch,
                                    clip_variant=args.clip_variant, lam=args.lam, threshold=args.threshold,
-                                   device=args.device)
-    except (DataError, MissingWeightsError) as e:
+                                   device=args.device, precision=args.precision)
+    except (DataError, MissingWeightsError, ComputeError) as e:
         print(f"ovseg segment: error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:  # e.g. an architecture open_clip does not know
@@ -148,7 +149,10 @@ def add_segment(subparsers: argparse._SubParsersAction) -> None:
                    help=f"mask threshold of the CLIP crops (default {DEFAULT_THRESHOLD})")
     p.add_argument("--mode", choices=("auto", "resize", "slide"), default="auto",
                    help="whole image at once, sliding windows, or auto: windows only for images over 2:1")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="auto",
+                   help="auto (the GPU when one is visible, else the CPU), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 on a GPU, fp32 on the CPU (default auto)")
     p.set_defaults(handler=run_segment, parser=p)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .clip.adapted import AdaptedClip
 from .clip.text import VILD_TEMPLATES, text_features
+from .compute import CPU_FP32, Placement
 from .datasets.prepared import PreparedDataset
 from .inference import ClipBranch, ClipScores, Proposals, classify_proposals, combine_scores, proposals, semantic_map
 from .maskformer.model import OpenVocabMaskFormer
@@ -36,33 +37,64 @@ PROPOSAL_STEP, CLIP_STEP = "proposals", "crop_scores"  # keys of the shared step
 
 @dataclass
 class BranchSegmenter:
-    """A proposal network and a CLIP branch sharing one vocabulary (the dataset's classes)."""
+    """A proposal network and a CLIP branch sharing one vocabulary (the dataset's classes), on one
+    device and precision (both models must be on `placement.device`)."""
 
     model: OpenVocabMaskFormer
     clip: ClipBranch
     size: int | None = None  # short side for proposals (None: the model's crop size)
     mode: Literal["resize", "slide"] = "resize"
+    placement: Placement = CPU_FP32
 
     @classmethod
     def build(cls, model: OpenVocabMaskFormer, adapted: AdaptedClip, class_names: Sequence[str], threshold: float,
-              size: int | None = None, mode: Literal["resize", "slide"] = "resize") -> "BranchSegmenter":
+              size: int | None = None, mode: Literal["resize", "slide"] = "resize",
+              placement: Placement = CPU_FP32) -> "BranchSegmenter":
         """Encode `class_names` with the adapted CLIP's text tower over the ViLD templates and give that
         vocabulary to both the model and the CLIP branch. The text tower is frozen in every adaptation,
         so these features live in the space the proposal network was trained against."""
         bundle = adapted.bundle
-        text = text_features(bundle, list(class_names), VILD_TEMPLATES)
+        with placement.autocast():
+            text = text_features(bundle, list(class_names), VILD_TEMPLATES)
         model.set_vocabulary(text)
         branch = ClipBranch(encode=adapted.encoder(), text_features=text, size=bundle.image_size, mean=bundle.mean,
                             std=bundle.std, threshold=threshold, logit_scale=adapted.logit_scale)
-        return cls(model, branch, size, mode)
+        return cls(model, branch, size, mode, placement)
 
     def proposals(self, image: np.ndarray | Tensor) -> Proposals:
-        return proposals(self.model, image, size=self.size, mode=self.mode)
+        with self.placement.autocast():
+            return proposals(self.model, image, size=self.size, mode=self.mode)
 
     def clip_scores(self, image: np.ndarray | Tensor, props: Proposals, threshold: float | None = None) -> ClipScores:
         c = self.clip if threshold is None else replace(self.clip, threshold=threshold)
-        return classify_proposals(image, props.mask_logits.sigmoid(), c.encode, c.text_features, c.size, c.mean,
-                                  c.std, c.threshold, c.logit_scale)
+        with self.placement.autocast():
+            return classify_proposals(image, props.mask_logits.sigmoid(), c.encode, c.text_features, c.size, c.mean,
+                                      c.std, c.threshold, c.logit_scale)
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """Item k: (index, RGB uint8 image [H, W, 3], ground truth [H, W]) of sample `indices[k]`."""
+
+    def __init__(self, dataset: PreparedDataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[int, np.ndarray, np.ndarray]:
+        i = self.indices[k]
+        return i, self.dataset.load_image(i), self.dataset.load_label(i)
+
+
+def _unchanged(item: tuple[int, np.ndarray, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
+    return item  # the loader's default would turn the numpy arrays into tensors
+
+
+def labelled_images(dataset: PreparedDataset, indices: Sequence[int], workers: int
+                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(index, image, ground truth) in index order, decoded ahead by `workers` DataLoader processes."""
+    yield from torch.utils.data.DataLoader(LabelledImages(dataset, indices), batch_size=None, num_workers=workers,
+                                           collate_fn=_unchanged)
 
 
 def label_map(props: Proposals, clip: ClipScores | None, lam: float, seen: Tensor | None = None) -> Tensor:
@@ -123,8 +155,8 @@ class BranchResult:
 
 
 def evaluate_branches(segmenter: BranchSegmenter, dataset: PreparedDataset, lam: float, *, seen_lambda: bool = False,
-                      indices: Sequence[int] | None = None, keep_examples: int = 0,
-                      desc: str = "evaluate") -> BranchResult:
+                      indices: Sequence[int] | None = None, keep_examples: int = 0, desc: str = "evaluate",
+                      loader_workers: int = 0) -> BranchResult:
     """Score the maskformer, clip and ensemble branches on `indices` (default: every sample) of a prepared
     set whose classes are the segmenter's vocabulary. `seen_lambda` selects zsseg's ensemble; images with
     index < `keep_examples` are returned as `Example`s."""
@@ -145,8 +177,7 @@ def evaluate_branches(segmenter: BranchSegmenter, dataset: PreparedDataset, lam:
         seconds[key] += time.perf_counter() - start
         return out
 
-    for i in track(indices, total=len(indices), desc=desc):
-        image, gt = dataset.load_image(i), dataset.load_label(i)
+    for i, image, gt in track(labelled_images(dataset, indices, loader_workers), total=len(indices), desc=desc):
         props = timed(PROPOSAL_STEP, segmenter.proposals, image)
         clip = timed(CLIP_STEP, segmenter.clip_scores, image, props)
         maps = {"maskformer": timed("maskformer", label_map, props, None, 0.0),
@@ -190,7 +221,8 @@ class SweepResult:
 
 
 def sweep(segmenter: BranchSegmenter, dataset: PreparedDataset, lambdas: Sequence[float], thresholds: Sequence[float], *,
-          seen_lambda: bool = False, indices: Sequence[int] | None = None, desc: str = "sweep") -> SweepResult:
+          seen_lambda: bool = False, indices: Sequence[int] | None = None, desc: str = "sweep",
+          loader_workers: int = 0) -> SweepResult:
     """The ensemble's confusion matrix for every λ × crop-threshold cell: proposals once per image, CLIP's
     crop scores once per image and threshold, only the ensemble and the semantic map per cell."""
     lambdas, thresholds = [float(x) for x in lambdas], [float(x) for x in thresholds]
@@ -199,8 +231,7 @@ def sweep(segmenter: BranchSegmenter, dataset: PreparedDataset, lambdas: Sequenc
     indices = range(len(dataset)) if indices is None else indices
     seen = torch.tensor(dataset.seen, device=segmenter.model.pixel_mean.device) if seen_lambda else None
     cells = [[ConfusionMatrix(dataset.num_classes, dataset.ignore_label) for _ in lambdas] for _ in thresholds]
-    for i in track(indices, total=len(indices), desc=desc):
-        image, gt = dataset.load_image(i), dataset.load_label(i)
+    for i, image, gt in track(labelled_images(dataset, indices, loader_workers), total=len(indices), desc=desc):
         props = segmenter.proposals(image)
         source = dataset.root / str(dataset.samples[i].label)
         for row, t in zip(cells, thresholds):

@@ -1,13 +1,16 @@
 """Two-stage open-vocabulary inference: MaskFormer proposals, CLIP on masked crops, ensemble, semantic map.
 
-Used by mining (proposals + CLIP), evaluation and the demo CLI (`segment`).
+Used by mining (proposals + CLIP), evaluation and the demo CLI (`segment`). Tensors follow the model's
+device; the networks run in whatever precision the caller's autocast context says (see
+`ovseg_core.compute.Placement.autocast`), and every output here is fp32.
 
 - `proposals`: mask logits [Q, H, W] at the image's size and p_mf [Q, K] = softmax over K + 1
   (void last) with void dropped, for whatever vocabulary the model holds (`set_vocabulary`).
   mode "resize" resizes the short side to `size` (default: the model's crop size) and pads to the
   backbone's stride; mode "slide" then also cuts crop-size windows (stride crop/3 by default, i.e.
   2/3 overlap as in OVSeg's config) and returns the Q proposals of every window, each with logit
-  `OUTSIDE_WINDOW_LOGIT` (sigmoid ≈ 0) outside its window.
+  `OUTSIDE_WINDOW_LOGIT` (sigmoid ≈ 0) outside its window. `batch_proposals` does mode "resize" for
+  several images at once (mining), equal-sized ones in one forward pass.
 - `classify_proposals`: p_clip [M, K] = softmax over the K classes of logit_scale · cosine between
   the masked crop's CLIP feature and the text features, for the M masks that survive thresholding
   (`keep`); crops come from `ovseg_core.crops.masked_crops`, features from a caller-supplied encoder.
@@ -21,9 +24,10 @@ Used by mining (proposals + CLIP), evaluation and the demo CLI (`segment`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -91,13 +95,15 @@ def as_chw(image: np.ndarray | Tensor) -> Tensor:
 
 
 def _run(model: OpenVocabMaskFormer, images: Tensor) -> tuple[Tensor, Tensor]:
-    """Normalised images [B, 3, h, w] → (p_mf [B, Q, K], mask logits [B, Q, h, w])."""
+    """Normalised images [B, 3, h, w] → (p_mf [B, Q, K], mask logits [B, Q, h, w]), fp32 whatever the
+    autocast precision of the forward pass."""
     h, w = images.shape[-2:]
     d = model.net.size_divisibility
     padded = F.pad(images, (0, -w % d, 0, -h % d))  # zero = the mean colour after normalisation
     out = model(pixel_values=padded)
-    probs = out.class_queries_logits.softmax(-1)[..., :-1]
-    masks = F.interpolate(out.masks_queries_logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+    probs = out.class_queries_logits.float().softmax(-1)[..., :-1]
+    masks = F.interpolate(out.masks_queries_logits.float(), size=padded.shape[-2:], mode="bilinear",
+                          align_corners=False)
     return probs, masks[..., :h, :w]
 
 
@@ -107,50 +113,84 @@ def _window_starts(length: int, window: int, stride: int) -> list[int]:
     return starts if starts[-1] == last else starts + [last]
 
 
-@torch.no_grad()
-def proposals(model: OpenVocabMaskFormer, image: np.ndarray | Tensor, *, size: int | None = None,
-              mode: Literal["resize", "slide"] = "resize", stride: int | None = None, batch_size: int = 8
-              ) -> Proposals:
-    """Mask proposals and MaskFormer class probabilities of one RGB image (see the module docstring)."""
-    device = model.pixel_mean.device
-    image = as_chw(image).to(device)
+def _resized(model: OpenVocabMaskFormer, image: Tensor, size: int) -> Tensor:
+    """uint8 [3, H, W] on the model's device → normalised [1, 3, h, w] with short side `size`."""
     height, width = image.shape[1:]
-    size = size or model.net.crop_size
     scale = size / min(height, width)
     rh, rw = max(1, round(height * scale)), max(1, round(width * scale))
     resized = image[None].float()
     if (rh, rw) != (height, width):
         resized = F.interpolate(resized, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
-    normalised = model.normalize(resized)
+    return model.normalize(resized)
+
+
+def _at_image_size(logits: Tensor, height: int, width: int) -> Tensor:
+    if logits.shape[-2:] == (height, width):
+        return logits
+    return F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: OpenVocabMaskFormer) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
-        if mode == "resize":
-            probs, logits = _run(model, normalised)
-            probs, logits = probs[0], logits[0]
-        elif mode == "slide":
-            c = model.net.crop_size
-            stride = stride or max(1, math.ceil(c / 3))
-            canvas = F.pad(normalised, (0, max(c - rw, 0), 0, max(c - rh, 0)))[0]
-            ch, cw = canvas.shape[1:]
-            windows = [(y, x) for y in _window_starts(ch, c, stride) for x in _window_starts(cw, c, stride)]
-            prob_list, logit_list = [], []
-            for i in range(0, len(windows), batch_size):
-                batch = windows[i:i + batch_size]
-                p, m = _run(model, torch.stack([canvas[:, y:y + c, x:x + c] for y, x in batch]))
-                for (y, x), pw, mw in zip(batch, p, m):
-                    full = mw.new_full((mw.shape[0], ch, cw), OUTSIDE_WINDOW_LOGIT)
-                    full[:, y:y + c, x:x + c] = mw
-                    prob_list.append(pw)
-                    logit_list.append(full[:, :rh, :rw])
-            probs, logits = torch.cat(prob_list), torch.cat(logit_list)
-        else:
-            raise ValueError(f"unknown inference mode {mode!r} (use 'resize' or 'slide')")
+        yield
     finally:
         model.train(was_training)
-    if (rh, rw) != (height, width):
-        logits = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    return Proposals(mask_logits=logits, class_probs=probs)
+
+
+@torch.no_grad()
+def batch_proposals(model: OpenVocabMaskFormer, images: Sequence[np.ndarray | Tensor], *, size: int | None = None
+                    ) -> list[Proposals]:
+    """`proposals` in mode "resize" for several images: each is resized on its own, and images of equal
+    resized shape go through the network together (no padding between images, so each result equals
+    the image's own up to float rounding)."""
+    device = model.pixel_mean.device
+    size = size or model.net.crop_size
+    chw = [as_chw(image).to(device, non_blocking=True) for image in images]
+    inputs = [_resized(model, image, size) for image in chw]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, x in enumerate(inputs):
+        groups.setdefault(tuple(x.shape[-2:]), []).append(i)
+    results: list[Proposals | None] = [None] * len(images)
+    with _eval_mode(model):
+        for members in groups.values():
+            probs, logits = _run(model, torch.cat([inputs[i] for i in members]))
+            for i, p, m in zip(members, probs, logits):
+                results[i] = Proposals(mask_logits=_at_image_size(m, *chw[i].shape[1:]), class_probs=p)
+    return results  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def proposals(model: OpenVocabMaskFormer, image: np.ndarray | Tensor, *, size: int | None = None,
+              mode: Literal["resize", "slide"] = "resize", stride: int | None = None, batch_size: int = 8
+              ) -> Proposals:
+    """Mask proposals and MaskFormer class probabilities of one RGB image (see the module docstring)."""
+    if mode == "resize":
+        return batch_proposals(model, [image], size=size)[0]
+    if mode != "slide":
+        raise ValueError(f"unknown inference mode {mode!r} (use 'resize' or 'slide')")
+    image = as_chw(image).to(model.pixel_mean.device)
+    height, width = image.shape[1:]
+    normalised = _resized(model, image, size or model.net.crop_size)
+    rh, rw = normalised.shape[-2:]
+    c = model.net.crop_size
+    stride = stride or max(1, math.ceil(c / 3))
+    canvas = F.pad(normalised, (0, max(c - rw, 0), 0, max(c - rh, 0)))[0]
+    ch, cw = canvas.shape[1:]
+    windows = [(y, x) for y in _window_starts(ch, c, stride) for x in _window_starts(cw, c, stride)]
+    prob_list, logit_list = [], []
+    with _eval_mode(model):
+        for i in range(0, len(windows), batch_size):
+            batch = windows[i:i + batch_size]
+            p, m = _run(model, torch.stack([canvas[:, y:y + c, x:x + c] for y, x in batch]))
+            for (y, x), pw, mw in zip(batch, p, m):
+                full = mw.new_full((mw.shape[0], ch, cw), OUTSIDE_WINDOW_LOGIT)
+                full[:, y:y + c, x:x + c] = mw
+                prob_list.append(pw)
+                logit_list.append(full[:, :rh, :rw])
+    return Proposals(mask_logits=_at_image_size(torch.cat(logit_list), height, width), class_probs=torch.cat(prob_list))
 
 
 @torch.no_grad()

@@ -6,27 +6,37 @@ image features of the crops, categories (caption nouns, or the ground-truth clas
 category assigned its best-matching mask by CLIP. Work is split into independent units of
 `images_per_unit` images; each unit becomes one WebDataset shard, so a crashed run resumes by
 redoing only the units without a complete shard.
+
+The data path streams: DataLoader workers (`loader_workers`) decode images and extract caption nouns
+ahead of the GPU; `batch_images` images go through MaskFormer together (equal-sized ones in one
+forward pass) and the crops of all of them through CLIP in batches of `crop_batch`; each pair holds
+its own small uint8 copies of crop and mask and is written to the unit's shard as soon as its batch
+is done, so memory stays that of one batch whatever the unit's size. Models run on the miner's
+`Placement` (device and precision); only the pairs' pixels come back to the host. The pairs do not
+depend on the batch sizes or worker counts beyond float rounding.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from .clip.models import ClipBundle
 from .clip.mpt import encode_masked
 from .clip.text import TextFeatureCache
-from .crops import masked_crops
+from .compute import CPU_FP32, Placement
+from .crops import MaskedCrops, masked_crops
 from .datasets.prepared import PreparedDataset
-from .inference import as_chw, proposals
+from .inference import batch_proposals
 from .maskformer.model import OpenVocabMaskFormer
 from .matching import match_nouns_to_proposals
 from .nouns import NounConfig, NounExtractor
-from .shards import Pair, pair_key, write_shard
+from .shards import Pair, PairShardWriter, pair_key
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,8 @@ class MiningConfig:
     images_per_unit: int = 100  # one unit = one shard
     image_format: Literal["jpg", "png"] = "jpg"
     max_images: int | None = None  # mine only the first N images (quick runs)
-    batch_size: int = 64  # crops per CLIP forward
+    batch_images: int = 8  # images per MaskFormer forward pass (and per CLIP round)
+    crop_batch: int = 256  # masked crops per CLIP forward pass
     nouns: Mapping[str, Any] = field(default_factory=dict)  # NounConfig options
 
     @classmethod
@@ -56,117 +67,178 @@ class MiningConfig:
                              f"got {cfg.masks}/{cfg.categories}")
         if cfg.categories == "gt_classes" and cfg.masks != "gt":
             raise ValueError("categories gt_classes needs masks gt (the classes belong to the GT segments)")
+        if cfg.batch_images < 1 or cfg.crop_batch < 1:
+            raise ValueError("mining batch_images and crop_batch must be >= 1")
         return cfg
+
+    def num_images(self, dataset_size: int) -> int:
+        return min(dataset_size, self.max_images) if self.max_images else dataset_size
+
+    def num_units(self, dataset_size: int) -> int:
+        return -(-self.num_images(dataset_size) // self.images_per_unit)
+
+    def unit_images(self, unit: int, dataset_size: int) -> range:
+        start = unit * self.images_per_unit
+        return range(start, min(start + self.images_per_unit, self.num_images(dataset_size)))
 
 
 @dataclass
-class ImageMasks:
-    probs: torch.Tensor  # [N, H, W] mask probabilities
-    names: list[str] | None  # the GT class of each mask (masks: gt), else None
+class MiningInput:
+    """One image, decoded (and its caption nouns extracted) by a loader worker."""
+
+    index: int
+    id: str
+    image: torch.Tensor  # uint8 [3, H, W]
+    label: torch.Tensor | None  # int64 [H, W] ground truth (masks: gt)
+    categories: list[tuple[str, str]] | None  # (noun, caption it came from), unique, in caption order
+
+
+class MiningImages(torch.utils.data.Dataset):
+    """Item k: `MiningInput` of image `indices[k]` (the CPU work of mining, done in loader workers)."""
+
+    def __init__(self, cfg: MiningConfig, dataset: PreparedDataset, indices: Sequence[int],
+                 nouns: NounExtractor | None, captions: Mapping[str, list[str]]):
+        self.cfg, self.dataset, self.indices = cfg, dataset, list(indices)
+        self.nouns, self.captions = nouns, captions
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> MiningInput:
+        i = self.indices[k]
+        sample = self.dataset.samples[i]
+        image = torch.from_numpy(np.ascontiguousarray(self.dataset.load_image(i))).permute(2, 0, 1)
+        label = torch.from_numpy(self.dataset.load_label(i)) if self.cfg.masks == "gt" else None
+        categories = None
+        if self.nouns is not None:
+            found: dict[str, str] = {}
+            for caption in self.captions.get(sample.id, [])[: self.cfg.num_captions]:
+                for noun in self.nouns.nouns(caption):
+                    found.setdefault(noun, caption)
+            categories = list(found.items())
+        return MiningInput(i, sample.id, image, label, categories)
 
 
 class Miner:
-    """Mines the pairs of one prepared dataset with one CLIP and (for proposals) one MaskFormer."""
+    """Mines the pairs of one prepared dataset with one CLIP and (for proposals) one MaskFormer, both on
+    `placement` (they are moved there)."""
 
     def __init__(self, cfg: MiningConfig, dataset: PreparedDataset, clip: ClipBundle,
-                 proposal_net: OpenVocabMaskFormer | None):
+                 proposal_net: OpenVocabMaskFormer | None, placement: Placement = CPU_FP32, loader_workers: int = 0):
         if cfg.masks == "proposals" and proposal_net is None:
             raise ValueError("mining from proposals needs the proposal network")
         self.cfg = cfg
         self.dataset = dataset
+        self.placement = placement
+        self.loader_workers = loader_workers
         self.clip = clip
-        self.proposal_net = proposal_net
+        clip.model.to(placement.device).eval()
+        self.proposal_net = proposal_net.to(placement.device).eval() if proposal_net is not None else None
         self.text = TextFeatureCache(clip)
         self.nouns = NounExtractor(NounConfig.from_dict(cfg.nouns)) if cfg.categories == "nouns" else None
         self.captions = dataset.captions() if cfg.categories == "nouns" else {}
 
     @property
-    def num_images(self) -> int:
-        n = len(self.dataset)
-        return min(n, self.cfg.max_images) if self.cfg.max_images else n
-
-    @property
     def num_units(self) -> int:
-        return -(-self.num_images // self.cfg.images_per_unit)
+        return self.cfg.num_units(len(self.dataset))
 
     def unit_images(self, unit: int) -> range:
-        start = unit * self.cfg.images_per_unit
-        return range(start, min(start + self.cfg.images_per_unit, self.num_images))
+        return self.cfg.unit_images(unit, len(self.dataset))
 
-    def image_masks(self, i: int, image: torch.Tensor) -> ImageMasks:
+    def inputs(self, indices: Sequence[int]) -> Iterator[list[MiningInput]]:
+        """Batches of `batch_images` decoded images, in index order, prepared by the loader workers."""
+        images = MiningImages(self.cfg, self.dataset, indices, self.nouns, self.captions)
+        yield from torch.utils.data.DataLoader(images, batch_size=self.cfg.batch_images, collate_fn=list,
+                                               num_workers=self.loader_workers)
+
+    def _masks(self, items: list[MiningInput]) -> list[tuple[torch.Tensor, list[str] | None]]:
+        """Per image: masks [N, H, W] on the device (probabilities, or bool for GT segments) and, for GT
+        segments, each mask's class name."""
+        device = self.placement.device
         if self.cfg.masks == "gt":
-            label = torch.from_numpy(self.dataset.load_label(i))
-            present = [c for c in label.unique().tolist() if c != self.dataset.ignore_label]
-            probs = torch.stack([(label == c).float() for c in present]) if present else label.new_zeros(
-                (0, *label.shape), dtype=torch.float32)
-            return ImageMasks(probs, [self.dataset.classes[c] for c in present])
+            out = []
+            for it in items:
+                label = it.label.to(device)
+                present = [c for c in label.unique().tolist() if c != self.dataset.ignore_label]
+                masks = label[None] == torch.tensor(present, device=device, dtype=label.dtype).view(-1, 1, 1)
+                out.append((masks, [self.dataset.classes[c] for c in present]))
+            return out
         assert self.proposal_net is not None
-        props = proposals(self.proposal_net, image)
-        objectness = props.class_probs.sum(dim=1)
-        top = objectness.argsort(descending=True)[: self.cfg.top_proposals]
-        return ImageMasks(props.mask_logits[top].sigmoid(), None)
-
-    def categories(self, i: int, masks: ImageMasks) -> list[tuple[str, str]]:
-        """(name, caption it came from) pairs, unique by name, in caption order."""
-        if self.cfg.categories == "gt_classes":
-            assert masks.names is not None
-            return [(name, "") for name in dict.fromkeys(masks.names)]
-        assert self.nouns is not None
-        captions = self.captions.get(self.dataset.samples[i].id, [])
-        found: dict[str, str] = {}
-        for caption in captions[: self.cfg.num_captions]:
-            for noun in self.nouns.nouns(caption):
-                found.setdefault(noun, caption)
-        return list(found.items())
+        with self.placement.autocast():
+            props = batch_proposals(self.proposal_net, [it.image for it in items])
+        out = []
+        for p in props:
+            objectness = p.class_probs.sum(dim=1)
+            top = objectness.argsort(descending=True)[: self.cfg.top_proposals]
+            out.append((p.mask_logits[top].sigmoid(), None))
+        return out
 
     @torch.no_grad()
-    def mine_image(self, i: int) -> list[Pair]:
-        sample = self.dataset.samples[i]
-        image = as_chw(self.dataset.load_image(i))
-        masks = self.image_masks(i, image)
-        cats = self.categories(i, masks)
-        if not cats or masks.probs.shape[0] == 0:
-            return []
-        b = self.clip
-        crops = masked_crops(image, masks.probs, b.image_size, b.mean, b.std, self.cfg.mask_threshold)
-        if len(crops) == 0:
-            return []
-        feats = torch.cat([encode_masked(b, crops.crops[s:s + self.cfg.batch_size], crops.masks[s:s + self.cfg.batch_size])
-                           for s in range(0, len(crops), self.cfg.batch_size)])
+    def mine_batch(self, items: list[MiningInput]) -> Iterator[Pair]:
+        """The pairs of a batch of images, image by image in input order."""
+        if self.cfg.categories == "nouns":
+            items = [it for it in items if it.categories]  # no noun, no pair: skip the networks
+        if not items:
+            return
+        b, device = self.clip, self.placement.device
+        masks = self._masks(items)
+        crops = [masked_crops(it.image.to(device), m, b.image_size, b.mean, b.std, self.cfg.mask_threshold)
+                 for it, (m, _) in zip(items, masks)]
+        all_crops = torch.cat([c.crops for c in crops])
+        all_masks = torch.cat([c.masks for c in crops])
+        with self.placement.autocast():
+            feats = [encode_masked(b, all_crops[s:s + self.cfg.crop_batch], all_masks[s:s + self.cfg.crop_batch])
+                     for s in range(0, len(all_crops), self.cfg.crop_batch)]
+        features = torch.cat(feats).split([len(c) for c in crops]) if feats else [None] * len(crops)
+        for it, (_, gt_names), cut, feat in zip(items, masks, crops, features):
+            if len(cut):
+                yield from self._pairs(it, gt_names, cut, feat)
+
+    def _pairs(self, item: MiningInput, gt_names: list[str] | None, cut: MaskedCrops, feats: torch.Tensor
+               ) -> Iterator[Pair]:
         if self.cfg.categories == "gt_classes":
             # each GT segment is paired with its own class; CLIP's score is kept for the record
-            assert masks.names is not None
-            names = [masks.names[j] for j in crops.indices.tolist()]
-            text = self.text(names)
-            matches = [(k, k, float(feats[k] @ text[k])) for k in range(len(names))]
-            cats = [(n, "") for n in names]
+            assert gt_names is not None
+            cats = [(gt_names[j], "") for j in cut.indices.tolist()]
+            with self.placement.autocast():
+                text = self.text([name for name, _ in cats])
+            matches = [(k, k, float(feats[k] @ text[k])) for k in range(len(cats))]
         else:
-            text = self.text([name for name, _ in cats])
+            cats = item.categories or []
+            with self.placement.autocast():
+                text = self.text([name for name, _ in cats])
             matches = [(m.noun_index, m.proposal_index, m.score) for m in match_nouns_to_proposals(
                 feats, text, self.cfg.score_threshold, self.cfg.one_noun_per_proposal)]
-        pixels = denormalize(crops.crops, b.mean, b.std)
-        pairs = []
+        if not matches:
+            return
+        chosen = torch.tensor([crop for _, crop, _ in matches], device=cut.crops.device)
+        pixels = denormalize(cut.crops[chosen], self.clip.mean, self.clip.std).cpu().numpy()
+        crop_masks = cut.masks[chosen].cpu().numpy()
         for k, (cat_index, crop_index, score) in enumerate(matches):
             name, caption = cats[cat_index]
-            pairs.append(Pair(
-                key=pair_key(sample.id, k), image_id=sample.id, caption=caption, noun=name,
-                proposal_index=int(crops.indices[crop_index]), score=score,
-                bbox=tuple(float(v) for v in crops.boxes[crop_index].tolist()),
-                crop=pixels[crop_index], mask=crops.masks[crop_index].numpy(),
-                extra={"mask_source": self.cfg.masks, "category_source": self.cfg.categories}))
-        return pairs
+            yield Pair(
+                key=pair_key(item.id, k), image_id=item.id, caption=caption, noun=name,
+                proposal_index=int(cut.indices[crop_index]), score=score,
+                bbox=tuple(float(v) for v in cut.boxes[crop_index].tolist()),
+                crop=pixels[k].copy(), mask=crop_masks[k].copy(),
+                extra={"mask_source": self.cfg.masks, "category_source": self.cfg.categories})
+
+    def mine_images(self, indices: Sequence[int]) -> Iterator[Pair]:
+        """Every pair of these images, in image order."""
+        for batch in self.inputs(indices):
+            yield from self.mine_batch(batch)
 
     def mine_unit(self, unit: int, out_dir: str | Path) -> dict[str, int]:
-        """Mine one unit's images into shard `unit` of `out_dir` (written atomically)."""
-        pairs = [p for i in self.unit_images(unit) for p in self.mine_image(i)]
-        write_shard(out_dir, unit, pairs, image_format=self.cfg.image_format)
-        return {"unit": unit, "pairs": len(pairs)}
+        """Mine one unit's images into shard `unit` of `out_dir`, streaming (written atomically)."""
+        with PairShardWriter(out_dir, unit, image_format=self.cfg.image_format) as writer:
+            for pair in self.mine_images(self.unit_images(unit)):
+                writer.write(pair)
+        return {"unit": unit, "pairs": writer.count}
 
 
-def denormalize(crops: torch.Tensor, mean: tuple[float, ...] | list[float], std: tuple[float, ...] | list[float]
-                ) -> list[np.ndarray]:
-    """CLIP-normalised crops [M, 3, S, S] → uint8 HWC arrays (the crop images stored in shards)."""
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
-    pixels = ((crops * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
-    return [p.permute(1, 2, 0).numpy() for p in pixels]
+def denormalize(crops: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """CLIP-normalised crops [M, 3, S, S] → uint8 [M, S, S, 3] (the crop images stored in shards), on
+    the crops' device."""
+    m = torch.tensor(mean, device=crops.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=crops.device).view(1, 3, 1, 1)
+    return ((crops * s + m) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

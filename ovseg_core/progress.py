@@ -26,6 +26,12 @@ def remove_hook(hook: ProgressHook) -> None:
         _hooks.remove(hook)
 
 
+def notify(desc: str, done: int, total: int) -> None:
+    """Pass one progress report to the hooks (e.g. relayed from another process)."""
+    for hook in list(_hooks):
+        hook(desc, done, total)
+
+
 class Progress:
     """A tqdm bar that also calls the registered hooks at most every `every_s` seconds (and at the end)."""
 
@@ -49,8 +55,7 @@ class Progress:
         now = time.monotonic()
         if force or now - self._last >= self.every_s:
             self._last = now
-            for hook in list(_hooks):
-                hook(self.desc, self.done, self.total)
+            notify(self.desc, self.done, self.total)
 
     def close(self) -> None:
         self._bar.close()

@@ -51,6 +51,7 @@ from PIL import Image
 from .clip.adapted import ADAPTED_FILE, AdaptedClip, load_adapted
 from .clip.models import checkpoint_metadata
 from .clip.text import TextFeatureCache
+from .compute import CPU_FP32, ComputeConfig, Placement
 from .datasets.prepared import load_rgb
 from .errors import DataError, MissingWeightsError, read_text_file
 from .inference import ClipBranch, Segmentation, segment
@@ -234,7 +235,7 @@ class Segmenter:
     vocabulary each time. Not thread-safe: each call sets the proposal network's vocabulary."""
 
     def __init__(self, model: OpenVocabMaskFormer, clip: AdaptedClip, files: ModelFiles,
-                 lam: float = DEFAULT_LAM, threshold: float = DEFAULT_THRESHOLD):
+                 lam: float = DEFAULT_LAM, threshold: float = DEFAULT_THRESHOLD, placement: Placement = CPU_FP32):
         check_settings(lam, threshold)
         text_dim, clip_dim = model.class_predictor.void_embedding.shape[0], clip.bundle.embed_dim
         if text_dim != clip_dim:
@@ -245,14 +246,18 @@ class Segmenter:
         self.files = files
         self.lam = lam
         self.threshold = threshold
+        self.placement = placement
         self.text = TextFeatureCache(clip.bundle)
         self._encode = clip.encoder()
 
     @classmethod
     def load(cls, run_dir: str | Path | None = None, *, maskformer: str | Path | None = None,
              clip: str | Path | None = None, clip_arch: str | None = None, clip_variant: str = DEFAULT_VARIANT,
-             lam: float = DEFAULT_LAM, threshold: float = DEFAULT_THRESHOLD, device: str = "cpu") -> "Segmenter":
-        """Load the models once (see `locate_models` for which files)."""
+             lam: float = DEFAULT_LAM, threshold: float = DEFAULT_THRESHOLD, device: str = "auto",
+             precision: str = "auto") -> "Segmenter":
+        """Load the models once (see `locate_models` for which files) onto `device` (auto: the GPU when one
+        is visible), to run in `precision` (auto: bf16 on a GPU, fp32 on the CPU)."""
+        placement = ComputeConfig(device=device, precision=precision).placement()
         files = locate_models(run_dir, maskformer=maskformer, clip=clip, clip_arch=clip_arch,
                               clip_variant=clip_variant)
         arch = files.clip_arch
@@ -261,9 +266,10 @@ class Segmenter:
             if arch is None:
                 raise DataError(files.clip, "this CLIP checkpoint does not record its architecture: name it "
                                             "(--clip-arch, e.g. ViT-L-14)")
-        model, _ = load_model(files.maskformer, device=device)
-        adapted = load_adapted(files.clip, arch, device=device)
-        return cls(model, adapted, ModelFiles(files.maskformer, files.clip, adapted.bundle.arch), lam, threshold)
+        model, _ = load_model(files.maskformer, device=placement.device)
+        adapted = load_adapted(files.clip, arch, device=placement.device)
+        return cls(model, adapted, ModelFiles(files.maskformer, files.clip, adapted.bundle.arch), lam, threshold,
+                   placement)
 
     @property
     def crop_size(self) -> int:
@@ -273,7 +279,7 @@ class Segmenter:
         """The models and settings, as recorded beside every result."""
         return {"maskformer": str(self.files.maskformer.resolve()), "clip": str(self.files.clip.resolve()),
                 "clip_name": self.clip.name, "clip_arch": self.files.clip_arch, "lam": self.lam,
-                "threshold": self.threshold, "device": str(self.model.pixel_mean.device)}
+                "threshold": self.threshold, **self.placement.describe()}
 
     @torch.no_grad()
     def segment(self, image: str | Path | Image.Image | np.ndarray, classes: str | Sequence[str], *,
@@ -286,11 +292,12 @@ class Segmenter:
         height, width = rgb.shape[:2]
         work = _working_image(rgb, self.crop_size)
         used_mode = choose_mode(*work.shape[:2]) if mode == "auto" else mode
-        text = self.text(names)
-        branch = ClipBranch(encode=self._encode, text_features=text, size=self.clip.bundle.image_size,
-                            mean=self.clip.bundle.mean, std=self.clip.bundle.std, threshold=self.threshold,
-                            logit_scale=self.clip.logit_scale)
-        seg = segment(self.model, work, text, clip=branch, lam=self.lam, mode=used_mode)
+        with self.placement.autocast():
+            text = self.text(names)
+            branch = ClipBranch(encode=self._encode, text_features=text, size=self.clip.bundle.image_size,
+                                mean=self.clip.bundle.mean, std=self.clip.bundle.std, threshold=self.threshold,
+                                logit_scale=self.clip.logit_scale)
+            seg = segment(self.model, work, text, clip=branch, lam=self.lam, mode=used_mode)
         labels = _upsample_nearest(seg.labels.cpu().numpy(), height, width)
         confidence = _upsample_nearest(_confidence(seg).cpu().numpy(), height, width)
         counts = np.bincount(labels.ravel(), minlength=len(names))

@@ -164,6 +164,11 @@ class PairShardWriter:
                                   mtime=SHARD_MTIME, encoder=False)
         return self
 
+    @property
+    def count(self) -> int:
+        """Pairs written so far."""
+        return len(self._keys)
+
     def write(self, pair: Pair) -> None:
         pair.validate()
         if pair.key in self._keys:
@@ -474,6 +479,10 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self._nouns)
+
+    def noun(self, i: int) -> str:
+        """Pair i's noun, from the index alone (no shard read)."""
+        return self._nouns[i]
 
     def _read(self, shard: str, offset: int, size: int) -> bytes:
         path = self.root / shard

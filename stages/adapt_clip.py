@@ -6,7 +6,8 @@ variant's output. Settings: `adapt_clip.common` ‚äï `adapt_clip.modes.<mode>` ‚ä
 
 Outputs `<out>/<variant>/` as an adapted-CLIP directory (`ovseg_core.clip.adapted`), training log
 for `dvc plots`, and metrics: trainable parameters, loss, samples/s and zero-shot accuracy of masked
-crops of a held-out set, seen vs unseen classes.
+crops of a held-out set, seen vs unseen classes. Runs where `compute` says: with `processes` > 1 the
+stage launches that many DDP ranks itself (one per GPU), which share every batch; rank 0 writes.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from ovseg_core.clip.mpt import save_prompts
 from ovseg_core.clip.pairs import MinedPairSamples
 from ovseg_core.clip.probe import probe_metrics
 from ovseg_core.clip.train import ClipTrainConfig, train_clip
+from ovseg_core.compute import ComputeConfig
 from ovseg_core.datasets.prepared import PreparedDataset
+from ovseg_core.distributed import launch, process_rank
 from ovseg_core.errors import DataError
 from stages.common import StageContext, file_digest, main, resumable_dir
 
@@ -42,12 +45,11 @@ def settings(ctx: StageContext) -> tuple[str, dict[str, Any]]:
     return variant, {**(section.get("common") or {}), **section["modes"][mode], **chosen}
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
-    variant, s = settings(ctx)
-    paths = ctx.section("adapt_clip")
+def train_process(paths: dict[str, Any], variant: str, s: dict[str, Any], checkpoints: str,
+                  compute: ComputeConfig) -> dict[str, Any] | None:
+    """One training rank (or the only process); rank 0 writes the adapted CLIP and returns its figures."""
+    torch.set_num_threads(compute.cpu_threads())
     config = ClipTrainConfig(**{k: v for k, v in s.items() if k in TRAIN_KEYS})
-    torch.set_num_threads(int(s.get("torch_threads", 2)))
-
     base = load_adapted(s["init"], arch=paths["clip_arch"])
     if base.prompts is not None:
         raise ValueError(f"adapt_clip {variant}: init {s['init']} already has mask prompts; adapt from a CLIP "
@@ -57,16 +59,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if len(samples) == 0:
         raise DataError(Path(paths["pairs"]) / s["pairs"], "no mined pairs to adapt CLIP on (see the mine stage's "
                         "metrics: the proposal network may give no mask above the threshold)")
-    out = Path(paths["out"]) / variant
-    plots = Path(paths["plots"]) / f"{variant}.json"
     t0 = time.perf_counter()
-    checkpoints = resumable_dir(Path(paths["checkpoints"]) / variant, {
-        "settings": s, "init": file_digest(weights_file(s["init"])),
-        "pairs": file_digest(Path(paths["pairs"]) / s["pairs"] / "index.parquet")})
-    result = train_clip(base.bundle, samples, config, checkpoints, log_path=plots)
+    result = train_clip(base.bundle, samples, config, checkpoints, log_path=Path(paths["plots"]) / f"{variant}.json",
+                        compute=compute)
     train_s = time.perf_counter() - t0
-
-    with atomic_dir(out) as tmp:
+    if process_rank() != 0:
+        return None
+    with atomic_dir(Path(paths["out"]) / variant) as tmp:
         if config.mode == "mpt":
             assert result.prompts is not None
             save_prompts(result.prompts, tmp / "prompts.pt", arch=paths["clip_arch"])
@@ -75,18 +74,38 @@ def run(ctx: StageContext) -> dict[str, Any]:
         else:
             save_clip(base.bundle, tmp / "clip.pt")
             write_adapted(tmp, variant, paths["clip_arch"], tmp / "clip.pt", None)
-    adapted = load_adapted(out)
-
-    probe = probe_metrics(adapted, PreparedDataset.load(paths["probe_dataset"]), int(paths.get("probe_images", 100)))
-    metrics = {
+    done_here = result.step - result.resumed_from_step
+    return {
         "mode": config.mode,
         "pairs": len(samples),
         "steps": result.step,
+        "resumed_from_step": result.resumed_from_step,
         "trainable_params": result.trainable_params,
         "final_loss": float(result.log[-1]["loss"]) if result.log else None,
-        "samples_per_s": round(config.batch_size * config.steps / max(train_s, 1e-9), 1),
-        **probe,
+        # the steps this run did (none when it resumed a finished run)
+        "samples_per_s": round(config.batch_size * done_here / train_s, 1) if done_here else None,
     }
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    variant, s = settings(ctx)
+    paths = ctx.section("adapt_clip")
+    compute = ctx.compute
+    pairs = Path(paths["pairs"]) / s["pairs"]
+    checkpoints = resumable_dir(Path(paths["checkpoints"]) / variant, {
+        "settings": s, "init": file_digest(weights_file(s["init"])), "pairs": file_digest(pairs / "index.parquet"),
+        "precision": compute.placement().precision})
+    trained = launch(train_process, (paths, variant, s, str(checkpoints), compute), compute,
+                     name=f"adapt_clip-{variant}")
+    if trained is None:
+        ctx.log.info("this node ran no rank 0: node 0 writes the adapted CLIP and metrics")
+        return {}
+    placement = compute.placement()
+    torch.set_num_threads(compute.cpu_threads())
+    adapted = load_adapted(Path(paths["out"]) / variant, device=placement.device)
+    probe = probe_metrics(adapted, PreparedDataset.load(paths["probe_dataset"]), int(paths.get("probe_images", 100)),
+                          placement=placement)
+    metrics = {**trained, "processes": compute.world_size, **placement.describe(), **probe}
     write_json(Path(paths["metrics"]) / f"{variant}.json", metrics)
     ctx.publish_table("metrics", [{"key": k, "value": v} for k, v in metrics.items()],
                       f"CLIP adaptation {variant}")

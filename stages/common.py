@@ -2,18 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import json
 import logging
+import multiprocessing
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 import yaml
 
+from ovseg_core.compute import ComputeConfig
 from ovseg_core.progress import Progress
 
 T = TypeVar("T")
@@ -35,9 +39,10 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
 class StageContext:
     """What a stage may ask of whoever runs it.
 
-    This base class runs everything in-process (plain `python -m stages.<name>`); the Prefect runner in
-    `flows.stage` overrides `map` with monitored, retried tasks on a task runner and the `publish_*`
-    methods with UI artifacts. Stages never import Prefect themselves.
+    This base class runs the work units in this process, or in `compute.processes` spawned worker
+    processes (plain `python -m stages.<name>`); the Prefect runner in `flows.stage` overrides `map`
+    with monitored, retried tasks on a task runner and the `publish_*` methods with UI artifacts.
+    Stages never import Prefect themselves.
     """
 
     def __init__(self, name: str, params: dict[str, Any], variant: str | None = None):
@@ -60,13 +65,33 @@ class StageContext:
             raise KeyError(f"params.yaml {key}.variants has no {self.variant!r}; known: {sorted(variants)}")
         return self.variant, {**(section.get("common") or {}), **(variants[self.variant] or {})}
 
+    @property
+    def compute(self) -> ComputeConfig:
+        """Where and how this stage computes (params.yaml `compute`, with this stage's overrides)."""
+        return ComputeConfig.for_stage(self.params, self.name, self.variant)
+
+    @property
+    def concurrent_units(self) -> int:
+        """Work units each process runs at once (they share its CPU threads)."""
+        return 1
+
+    def unit_threads(self) -> int:
+        """torch CPU threads for each work unit of `map`."""
+        return self.compute.cpu_threads(self.concurrent_units)
+
     def map(self, fn: Callable[[T], R], items: Iterable[T], desc: str) -> list[R]:
-        """Apply `fn` to independent work units; results in input order."""
+        """Apply `fn` (picklable) to independent work units; results in input order."""
         items = list(items)
-        out = []
-        with Progress(len(items), desc) as p:
-            for item in items:
-                out.append(fn(item))
+        processes = min(self.compute.processes, len(items))
+        with Progress(len(items), desc) as p, contextlib.ExitStack() as stack:
+            if processes > 1:
+                pool = stack.enter_context(ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")))
+                results = pool.map(fn, items)
+            else:
+                results = map(fn, items)
+            out = []
+            for result in results:
+                out.append(result)
                 p.update(1)
         return out
 

@@ -17,9 +17,10 @@ Writes
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from PIL import Image
 
 from ovseg_core.atomic import atomic_dir, write_csv, write_json
 from ovseg_core.clip.adapted import AdaptedClip, load_adapted
+from ovseg_core.compute import ComputeConfig, worker_placement
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.evaluation import BRANCHES, BranchResult, BranchSegmenter, evaluate_branches
 from ovseg_core.maskformer.model import load_model
@@ -39,12 +41,6 @@ from stages.common import StageContext, main
 # Per-set settings that a dataset entry may override (e.g. λ 0.7 for ADE, 0.6 for Pascal Context).
 DATASET_KEYS = ("lambda", "mask_threshold", "seen_lambda", "size", "mode")
 INDEX_FILE = "index.json"
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def dataset_settings(settings: dict[str, Any], name: str) -> dict[str, Any]:
@@ -67,16 +63,27 @@ def clip_for(path: str, arch: str, device: str) -> AdaptedClip:
     return load_adapted(path, arch, device)
 
 
-@functools.lru_cache(maxsize=8)
+_building = threading.Lock()
+
+
 def segmenter_for(spec_json: str, name: str) -> tuple[BranchSegmenter, PreparedDataset]:
     """One proposal network per dataset (each holds that set's vocabulary), so that units of different
-    sets can run side by side in threads; the CLIP is shared."""
+    sets can run side by side in threads; the CLIP is shared. Built once per process (threads wait)."""
+    with _building:
+        return _segmenter(spec_json, name)
+
+
+@functools.lru_cache(maxsize=8)
+def _segmenter(spec_json: str, name: str) -> tuple[BranchSegmenter, PreparedDataset]:
     spec = json.loads(spec_json)
     ds = spec["datasets"][name]
     dataset = PreparedDataset.load(ds["root"])
-    model, _ = load_model(spec["proposal_net"], spec["device"])
-    adapted = clip_for(spec["clip"], spec["clip_arch"], spec["device"])
-    return BranchSegmenter.build(model, adapted, dataset.classes, ds["mask_threshold"], ds["size"], ds["mode"]), dataset
+    placement = worker_placement(ComputeConfig.from_dict(spec["compute"]))  # this process's GPU on CUDA
+    model, _ = load_model(spec["proposal_net"], placement.device)
+    adapted = clip_for(spec["clip"], spec["clip_arch"], str(placement.device))
+    segmenter = BranchSegmenter.build(model, adapted, dataset.classes, ds["mask_threshold"], ds["size"], ds["mode"],
+                                      placement)
+    return segmenter, dataset
 
 
 def evaluate_unit(spec_json: str, unit: tuple[str, int, int]) -> BranchResult:
@@ -88,7 +95,7 @@ def evaluate_unit(spec_json: str, unit: tuple[str, int, int]) -> BranchResult:
     ds = spec["datasets"][name]
     return evaluate_branches(segmenter, dataset, float(ds["lambda"]), seen_lambda=bool(ds["seen_lambda"]),
                              indices=range(start, stop), keep_examples=int(spec["examples"]),
-                             desc=f"{name} {start}-{stop - 1}")
+                             desc=f"{name} {start}-{stop - 1}", loader_workers=spec["compute"]["loader_workers"])
 
 
 def metrics_entry(result: BranchResult, dataset: PreparedDataset) -> dict[str, Any]:
@@ -128,17 +135,16 @@ def write_examples(directory: Path, result: BranchResult, dataset: PreparedDatas
 
 def run(ctx: StageContext) -> dict[str, Any]:
     variant, settings = ctx.variant_params("evaluate")
-    workers = int(ctx.params.get("prefect", {}).get("max_workers", 1))
     datasets = {name: dataset_settings(settings, name) for name in settings["datasets"]}
     spec = {
         # absolute paths: the spec keys the per-process model caches and travels to the workers
         "proposal_net": str(Path(settings["proposal_net"]).resolve()),
         "clip": str(Path(settings["clip"]).resolve()),
         "clip_arch": settings["clip_arch"],
-        "device": resolve_device(settings.get("device", "auto")),
+        "compute": dataclasses.asdict(ctx.compute),
         "datasets": datasets,
         "examples": int(settings.get("examples", 0)),
-        "torch_threads": max(1, (os.cpu_count() or 1) // max(1, workers)),
+        "torch_threads": ctx.unit_threads(),
     }
     spec_json = json.dumps(spec, sort_keys=True)
     chunk = int(settings.get("chunk_images", 100))

@@ -2,7 +2,7 @@
 
 * `pretrained: null` (the embedded world): train `arch` from scratch on image–caption pairs of a
   prepared caption set (the world's web split), the stand-in for OpenAI's pretraining; resumable
-  from `checkpoints`.
+  from `checkpoints`; with `compute.processes` > 1 the stage launches that many DDP ranks itself.
 * `pretrained: <open_clip tag or local file>` (the paper recipe): resolve the weights offline —
   a missing tag or file fails with `MissingWeightsError`, saying what to put where — and write
   them in the common format; nothing is trained.
@@ -24,9 +24,10 @@ from ovseg_core.atomic import write_json
 from ovseg_core.clip.models import ClipBundle, load_clip, save_clip
 from ovseg_core.clip.train import ClipTrainConfig, train_clip
 from ovseg_core.clip.zeroshot import zero_shot_accuracy
+from ovseg_core.compute import ComputeConfig
+from ovseg_core.distributed import launch, process_rank
 from ovseg_core.clip.datasets import CaptionImageDataset, SegmentProbe, segment_probe
 from ovseg_core.datasets.prepared import CAPTIONS_FILE, DATASET_FILE, PreparedDataset
-from ovseg_core.training.checkpoint import load_checkpoint
 from stages.common import StageContext, file_digest, main, resumable_dir
 
 CLIP_FILE = "clip.pt"
@@ -34,34 +35,45 @@ LOSS_FILE = "loss.json"
 LOSS_WINDOW = 20  # steps averaged into the reported final loss (one batch's loss is noisy)
 
 
-def pretrain(p: dict[str, Any], bundle: ClipBundle) -> dict[str, Any]:
-    """Train `bundle` in place on the caption set; returns the training metrics."""
+def train_process(p: dict[str, Any], checkpoints: str, compute: ComputeConfig) -> dict[str, Any] | None:
+    """One training rank (or the only process): the seeded random init, then training on the caption
+    set; rank 0 writes the CLIP and returns the training metrics."""
+    torch.set_num_threads(compute.cpu_threads())
     config = ClipTrainConfig(mode="pretrain", **p["train"])
-    data_root = Path(p["data"])
-    prepared = PreparedDataset.load(data_root)
-    data = CaptionImageDataset.for_model(prepared, bundle, p.get("captions_per_image"))
-    checkpoints = resumable_dir(p["checkpoints"], {
-        "arch": p["arch"], "captions_per_image": p.get("captions_per_image"), "train": p["train"],
-        "data": [file_digest(data_root / DATASET_FILE), file_digest(data_root / CAPTIONS_FILE)],
-    })
-    resumed = load_checkpoint(checkpoints, {}, restore_rng=False)
-    start_step = resumed[0] if resumed else 0
+    torch.manual_seed(int(p["train"].get("seed", 0)))  # the random initialisation
+    bundle = load_clip(p["arch"])
+    data = CaptionImageDataset.for_model(PreparedDataset.load(p["data"]), bundle, p.get("captions_per_image"))
     t0 = time.perf_counter()
-    result = train_clip(bundle, data, config, checkpoints, log_path=Path(p["plots"]) / LOSS_FILE)
+    result = train_clip(bundle, data, config, checkpoints, log_path=Path(p["plots"]) / LOSS_FILE, compute=compute)
     wall = time.perf_counter() - t0
-    done_here = result.step - start_step
+    if process_rank() != 0:
+        return None
+    save_clip(bundle, Path(p["out"]) / CLIP_FILE)
+    done_here = result.step - result.resumed_from_step
     tail = result.log[-LOSS_WINDOW:]
     return {
         "images": data.num_images,
         "pairs": len(data),
         "steps": result.step,
-        "resumed_from_step": start_step,
+        "resumed_from_step": result.resumed_from_step,
         "train_samples": result.step * config.batch_size,
         "train_wall_s": round(wall, 1),
+        # the steps this run did (none when it resumed a finished run)
         "samples_per_s": round(done_here * config.batch_size / wall, 1) if done_here else None,
         "final_loss": round(sum(r["loss"] for r in tail) / len(tail), 4),
         "logit_scale": round(float(bundle.model.logit_scale.detach().exp()), 2),
     }
+
+
+def pretrain(p: dict[str, Any], compute: ComputeConfig) -> dict[str, Any] | None:
+    """Train from scratch on `compute.processes` ranks (launched here); rank 0's training metrics."""
+    data_root = Path(p["data"])
+    checkpoints = resumable_dir(p["checkpoints"], {
+        "arch": p["arch"], "captions_per_image": p.get("captions_per_image"), "train": p["train"],
+        "data": [file_digest(data_root / DATASET_FILE), file_digest(data_root / CAPTIONS_FILE)],
+        "precision": compute.placement().precision,
+    })
+    return launch(train_process, (p, str(checkpoints), compute), compute, name="pretrain_clip")
 
 
 def probe_metrics(bundle: ClipBundle, probe: SegmentProbe) -> dict[str, Any]:
@@ -83,29 +95,37 @@ def probe_metrics(bundle: ClipBundle, probe: SegmentProbe) -> dict[str, Any]:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     p = ctx.section("pretrain_clip")
-    torch.set_num_threads(int(p.get("torch_threads", 2)))
+    compute = ctx.compute
     out, plots = Path(p["out"]), Path(p["plots"])
     plots.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if p.get("pretrained") is None:
-        torch.manual_seed(int(p["train"].get("seed", 0)))  # the random initialisation
-        bundle = load_clip(p["arch"])
-        metrics: dict[str, Any] = {"source": "trained", **pretrain(p, bundle)}
+        trained = pretrain(p, compute)
+        if trained is None:
+            ctx.log.info("this node ran no rank 0: node 0 writes the CLIP and metrics")
+            return {}
+        metrics: dict[str, Any] = {"source": "trained", **trained}
+        placement = compute.placement()
+        bundle = load_clip(p["arch"], out / CLIP_FILE, device=placement.device)
     else:
-        bundle = load_clip(p["arch"], p["pretrained"])  # MissingWeightsError says what to provide
+        placement = compute.placement()
+        bundle = load_clip(p["arch"], p["pretrained"], device=placement.device)  # MissingWeightsError says what
         Path(p["checkpoints"]).mkdir(parents=True, exist_ok=True)  # a declared out, unused here
         write_json(plots / LOSS_FILE, [], indent=None)
+        save_clip(bundle, out / CLIP_FILE)
         metrics = {"source": "pretrained"}
-    save_clip(bundle, out / CLIP_FILE)
     metrics["parameters"] = sum(t.numel() for t in bundle.model.parameters())
     metrics["stage_train_s"] = round(time.perf_counter() - t0, 1)
+    metrics |= {"processes": compute.world_size, **placement.describe()}
 
     probe_cfg = p.get("probe") or {}
     if int(probe_cfg.get("images", 0)) > 0:
+        torch.set_num_threads(compute.cpu_threads())
         probe = segment_probe(PreparedDataset.load(probe_cfg["data"]), bundle.image_size, bundle.mean, bundle.std,
                               max_images=int(probe_cfg["images"]),
                               min_fraction=float(probe_cfg.get("min_fraction", 0.01)))
-        metrics |= probe_metrics(bundle, probe)
+        with placement.autocast():
+            metrics |= probe_metrics(bundle, probe)
     write_json(p["metrics"], metrics)
     ctx.publish_table("metrics", [{"key": k, "value": v} for k, v in metrics.items()],
                       "CLIP pretraining: throughput and zero-shot accuracy (%) of whole scenes, boxes, masked crops")

@@ -8,9 +8,9 @@ form) and `<plots>/heatmap.png` (the selected score over the grid, best cell fra
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from ovseg_core.atomic import atomic_dir, write_csv, write_json  # noqa: E402
 from ovseg_core.datasets.prepared import PreparedDataset  # noqa: E402
 from ovseg_core.evaluation import SweepResult, sweep  # noqa: E402
 from stages.common import StageContext, main  # noqa: E402
-from stages.evaluate import resolve_device, segmenter_for  # noqa: E402
+from stages.evaluate import segmenter_for  # noqa: E402
 
 SCORES = ("mIoU", "fwIoU", "pACC", "mACC", "seen_mIoU", "unseen_mIoU", "hIoU")
 
@@ -36,7 +36,8 @@ def sweep_unit(spec_json: str, unit: tuple[int, int]) -> SweepResult:
     segmenter, dataset = segmenter_for(spec_json, spec["name"])
     start, stop = unit
     return sweep(segmenter, dataset, spec["lambdas"], spec["thresholds"], seen_lambda=spec["seen_lambda"],
-                 indices=range(start, stop), desc=f"sweep {start}-{stop - 1}")
+                 indices=range(start, stop), desc=f"sweep {start}-{stop - 1}",
+                 loader_workers=spec["compute"]["loader_workers"])
 
 
 def best_cell(rows: list[dict[str, Any]], select: str) -> dict[str, Any]:
@@ -72,7 +73,6 @@ def heatmap(path: Path, values: np.ndarray, lambdas: list[float], thresholds: li
 
 def run(ctx: StageContext) -> dict[str, Any]:
     s = ctx.section("sweep")
-    workers = int(ctx.params.get("prefect", {}).get("max_workers", 1))
     root = Path(s["dataset"]).resolve()
     dataset = PreparedDataset.load(root)
     name = dataset.name
@@ -81,14 +81,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "proposal_net": str(Path(s["proposal_net"]).resolve()),
         "clip": str(Path(s["clip"]).resolve()),
         "clip_arch": s["clip_arch"],
-        "device": resolve_device(s.get("device", "auto")),
+        "compute": dataclasses.asdict(ctx.compute),
         # the evaluate stage's per-set layout, so that its model loading is shared
         "datasets": {name: {"root": str(root), "mask_threshold": float(s["thresholds"][0]),
                             "size": s.get("size"), "mode": s.get("mode", "resize")}},
         "lambdas": [float(v) for v in s["lambdas"]],
         "thresholds": [float(v) for v in s["thresholds"]],
         "seen_lambda": bool(s.get("seen_lambda", False)),
-        "torch_threads": max(1, (os.cpu_count() or 1) // max(1, workers)),
+        "torch_threads": ctx.unit_threads(),
     }
     select = s.get("select", "mIoU")
     chunk = int(s.get("chunk_images", 100))

@@ -2,7 +2,9 @@
 
 MaskFormer (transformers) whose class head is 100 · cosine against the frozen CLIP text features of
 the training classes plus a learnable "no object" embedding. Resumes from `checkpoints/` after an
-interruption. Multi-GPU: `torchrun --nproc_per_node N -m stages.train_maskformer` (DDP; rank 0 writes).
+interruption. Runs where `compute` says (params.yaml): with `processes` > 1 the stage launches that
+many DDP ranks itself (one per GPU; gloo on CPU), every rank builds the same model, and rank 0
+writes the checkpoints and the model; with `nodes` > 1 the same command runs on every node.
 
 Metrics: MaskFormer-only mIoU on part of the training split (seen classes) and on the held-out set
 (seen / unseen / hIoU), so the proposal network's quality is known before mining.
@@ -18,25 +20,36 @@ import torch
 from ovseg_core.atomic import write_json
 from ovseg_core.clip.models import load_clip
 from ovseg_core.clip.text import text_features
+from ovseg_core.compute import ComputeConfig, Placement
 from ovseg_core.datasets.prepared import PreparedDataset
+from ovseg_core.distributed import launch, process_rank
 from ovseg_core.inference import segment
 from ovseg_core.maskformer.data import SemanticDataset
-from ovseg_core.maskformer.model import build_model, preset_config, save_model
-from ovseg_core.maskformer.train import TrainConfig, process_rank, train
+from ovseg_core.maskformer.model import OpenVocabMaskFormer, build_model, load_model, preset_config, save_model
+from ovseg_core.maskformer.train import TrainConfig, train
 from ovseg_core.metrics import evaluate_dataset
 from stages.common import StageContext, main
 
+MODEL_FILE = "model.pt"
 
-def maskformer_only_miou(model, prepared: PreparedDataset, text: torch.Tensor, max_images: int) -> dict[str, Any]:
-    model.set_vocabulary(text)
-    metrics, _, ips = evaluate_dataset(prepared.head(max_images), lambda image: segment(model, image).labels.numpy(),
+
+def maskformer_only_miou(model: OpenVocabMaskFormer, prepared: PreparedDataset, text: torch.Tensor, max_images: int,
+                         placement: Placement) -> dict[str, Any]:
+    model.set_vocabulary(text.to(placement.device))
+
+    def predict(image):
+        with placement.autocast():
+            return segment(model, image).labels.cpu().numpy()
+
+    metrics, _, ips = evaluate_dataset(prepared.head(max_images), predict,
                                        progress_desc=f"maskformer-only {prepared.name}")
     return {**metrics.to_dict(), "images_per_s": round(ips, 1)}
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
-    p = ctx.section("train_maskformer")
-    torch.set_num_threads(int(p.get("torch_threads", 2)))
+def train_process(p: dict[str, Any], compute: ComputeConfig) -> dict[str, Any] | None:
+    """One training rank (or the only process): builds the model as every rank must, trains it; rank 0
+    writes the model and returns the training figures."""
+    torch.set_num_threads(compute.cpu_threads())
     dataset = PreparedDataset.load(p["dataset"])
     clip = load_clip(p["clip_arch"], p["clip"])
     text = text_features(clip, dataset.classes)
@@ -45,26 +58,40 @@ def run(ctx: StageContext) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # the random initialisation: the same params give the same model
     model = build_model(net, text, backbone_weights=p.get("backbone_weights"))
     t0 = time.perf_counter()
-    log = train(model, SemanticDataset(dataset), cfg, p["checkpoints"], log_path=p["plots"])
+    log = train(model, SemanticDataset(dataset), cfg, p["checkpoints"], log_path=p["plots"], compute=compute)
     train_s = time.perf_counter() - t0
     if process_rank() != 0:
-        return {}
-    save_model(Path(p["out"]) / "model.pt", model, meta={"classes": dataset.classes, "clip": p["clip"],
+        return None
+    save_model(Path(p["out"]) / MODEL_FILE, model, meta={"classes": dataset.classes, "clip": p["clip"],
                                                         "preset": p["preset"], "train": p["train"]})
-    model.eval()
+    return {"train_s": round(train_s, 1), "final_loss": log[-1]["loss"] if log else None}
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    p = ctx.section("train_maskformer")
+    compute = ctx.compute
+    trained = launch(train_process, (p, compute), compute, name="train_maskformer")
+    if trained is None:
+        ctx.log.info("this node ran no rank 0: node 0 writes the model and metrics")
+        return {}
+    placement = compute.placement()
+    torch.set_num_threads(compute.cpu_threads())
+    model, _ = load_model(Path(p["out"]) / MODEL_FILE, placement.device)
+    dataset = PreparedDataset.load(p["dataset"])
+    clip = load_clip(p["clip_arch"], p["clip"], device=placement.device)
     n = int(p.get("eval_images", 200))
     metrics: dict[str, Any] = {
-        "steps": cfg.steps, "train_s": round(train_s, 1), "final_loss": log[-1]["loss"] if log else None,
+        "steps": int(p["train"]["steps"]), **trained, "processes": compute.world_size, **placement.describe(),
         "parameters": sum(q.numel() for q in model.parameters()),
-        "train_split": maskformer_only_miou(model, dataset, text, n),
+        "train_split": maskformer_only_miou(model, dataset, text_features(clip, dataset.classes), n, placement),
     }
     for name in p.get("heldout") or []:
         held = PreparedDataset.load(name)
-        metrics[held.name] = maskformer_only_miou(model, held, text_features(clip, held.classes), n)
+        metrics[held.name] = maskformer_only_miou(model, held, text_features(clip, held.classes), n, placement)
     write_json(p["metrics"], metrics)
     ctx.publish_table("metrics", [{"split": k, **v} for k, v in metrics.items() if isinstance(v, dict)],
                       "MaskFormer-only segmentation after training")
-    return {"steps": cfg.steps, "train_s": metrics["train_s"], "train_mIoU": metrics["train_split"]["mIoU"]}
+    return {"steps": metrics["steps"], "train_s": metrics["train_s"], "train_mIoU": metrics["train_split"]["mIoU"]}
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
     python -m stages.validate                                   # check params.yaml
     python -m stages.validate --use configs/paper-swinb-vitl14.yaml   # check it, then make it params.yaml
 
-Everything a run needs from outside the pipeline is checked at once — dataset roots in their
-official layouts, CLIP weights (open_clip tag in the local cache, or a file), MaskFormer backbone
-weights, NLTK data for the chosen tagger — and reported in ONE error listing every missing item
-and what to put where. Paths the pipeline itself produces (the embedded world) are not required.
+Everything a run needs from outside the pipeline is checked at once — the GPUs the compute section
+asks for, dataset roots in their official layouts, CLIP weights (open_clip tag in the local cache, or
+a file), MaskFormer backbone weights, NLTK data for the chosen tagger — and reported in ONE error
+listing every missing item and what to put where. Paths the pipeline itself produces (the embedded world) are not required.
 """
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ovseg_core.clip.models import resolve_pretrained
+from ovseg_core.compute import ComputeConfig, ComputeError
 from ovseg_core.datasets.registry import DATASETS
 from ovseg_core.errors import MissingWeightsError
 from ovseg_core.nouns import NounConfig, NounExtractor
@@ -28,9 +31,29 @@ def produced_by_pipeline(path: str, params: dict[str, Any]) -> bool:
     return bool(world_out) and Path(path).is_relative_to(Path(world_out))
 
 
+def check_compute(params: dict[str, Any]) -> list[str]:
+    """The compute section (and every stage's override) resolves on this machine: a GPU where CUDA is
+    asked for, no more processes than GPUs on CUDA."""
+    problems = []
+    overrides = (params.get("compute") or {}).get("stages") or {}
+    for where, stage, variant in [("compute", "", None),
+                                  *((f"compute.stages.{k}", *k.partition("@")[::2]) for k in overrides)]:
+        try:
+            compute = ComputeConfig.for_stage(params, stage, variant or None)
+            device = compute.placement().device
+        except (ComputeError, ValueError, TypeError) as e:
+            problems.append(f"{where}: {e}")
+            continue
+        gpus = torch.cuda.device_count()
+        if device.type == "cuda" and device.index is None and compute.processes > gpus:
+            problems.append(f"{where}: {compute.processes} processes per node asked for, but {gpus} GPU(s) are visible "
+                            "(one process per GPU; set processes to auto or at most the GPU count)")
+    return problems
+
+
 def check(params: dict[str, Any]) -> list[str]:
     """Every problem found (empty when the run can start)."""
-    problems: list[str] = []
+    problems: list[str] = check_compute(params)
     prepare = params.get("prepare", {})
     entries = [("prepare.train", prepare.get("train"))]
     if prepare.get("web"):

@@ -7,6 +7,7 @@ the pipeline runs (world generator, dataset readers, model constructors, the min
 - `tiny_models`     random-init tiny CLIP + tiny MaskFormer saved to files (`TinyModels`)
 - `mine_params`     a factory: params.yaml-shaped dict for the `mine` stage on the tiny world
 - `tiny_mined`      the tiny world mined once by the real `mine` stage (plain runner, `TinyMined`)
+- `trained_run`     a working directory where the first four stages trained real (small) models (minutes)
 
 Session-scoped fixtures are shared by every test file: treat what they return as read-only (copy a
 directory before changing it).
@@ -135,15 +136,18 @@ def tiny_models(tiny_world, tmp_path_factory) -> TinyModels:
 
 @pytest.fixture(scope="session")
 def mine_params(tiny_world, tiny_models) -> Callable[..., dict[str, Any]]:
-    """Factory `mine_params(base, prefect=None, **common)`: params for the `mine` stage on the tiny world,
-    with out/work/metrics under `base`; `common` overrides `mine.common` (e.g. images_per_unit),
-    `prefect` the `prefect:` section. Variants: proposals-nouns, gt-classes."""
+    """Factory `mine_params(base, prefect=None, compute=None, **common)`: params for the `mine` stage on the
+    tiny world, with out/work/metrics under `base`; `common` overrides `mine.common` (e.g. images_per_unit),
+    `prefect` the `prefect:` section, `compute` the `compute:` section. Variants: proposals-nouns, gt-classes."""
 
-    def make(base: Path, prefect: dict[str, Any] | None = None, **common: Any) -> dict[str, Any]:
+    def make(base: Path, prefect: dict[str, Any] | None = None, compute: dict[str, Any] | None = None,
+             **common: Any) -> dict[str, Any]:
         base = Path(base)
         return {
             # no task retries: a failing unit should fail the test, not be retried
             "prefect": {"task_runner": "threads", "max_workers": 2, "task_retries": 0, **(prefect or {})},
+            # one torch thread per unit whatever runs the units: other thread counts round floats differently
+            "compute": {"threads": 1, **(compute or {})},
             "mine": {
                 "dataset": str(tiny_world.coco),
                 "clip_arch": tiny_models.clip_arch,
@@ -181,6 +185,43 @@ def tiny_mined(mine_params, tmp_path_factory) -> TinyMined:
     section = params["mine"]
     return TinyMined(params=params, variant="proposals-nouns", out=Path(section["out"]) / "proposals-nouns",
                      work=Path(section["work"]) / "proposals-nouns", summary=summary)
+
+
+TRAINED_RUN_EVAL_IMAGES = 24
+TRAINED_RUN = {  # params.yaml keys → values: a smaller world and shorter trainings, the same recipe otherwise
+    "world.web_images": 2400,
+    "world.coco_images": 400,
+    "world.eval_sets": {"world-eval": {"images": TRAINED_RUN_EVAL_IMAGES}, "world-val": {"images": 4}},
+    "pretrain_clip.train.steps": 100,
+    "pretrain_clip.train.checkpoint_every": 100,
+    "pretrain_clip.probe.images": 8,
+    "train_maskformer.train.steps": 250,
+    "train_maskformer.train.checkpoint_every": 250,
+    "train_maskformer.eval_images": 8,
+}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A working directory in which the pipeline's first four stages ran from params.yaml with TRAINED_RUN's
+    changes (about two minutes): models/ and data/ inside, as `dvc repro` lays them out."""
+    from stages.common import StageContext, load_params, run_stage
+    from test_pipeline_e2e import set_key
+
+    work = tmp_path_factory.mktemp("trained-run")
+    params = load_params(ROOT / "params.yaml")
+    for key, value in TRAINED_RUN.items():
+        set_key(params, key, copy.deepcopy(value))
+    params["prefect"]["task_retries"] = 0
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(work)  # params.yaml's paths are relative to the working directory, as under `dvc repro`
+    try:
+        for stage in ("world", "prepare", "pretrain_clip", "train_maskformer"):
+            run_stage(stage, StageContext(stage, copy.deepcopy(params)))
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    return work
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

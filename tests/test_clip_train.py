@@ -30,9 +30,12 @@ class SyntheticPairs:
     def __len__(self) -> int:
         return len(self.images)
 
+    def text(self, i: int) -> str:
+        return NOUNS[i % len(NOUNS)]
+
     def __getitem__(self, i: int):
         mask = self.masks[i]
-        return self.images[i] * mask, (mask if self.with_masks else None), NOUNS[i % len(NOUNS)]
+        return self.images[i] * mask, (mask if self.with_masks else None), self.text(i)
 
 
 @pytest.fixture(scope="module")

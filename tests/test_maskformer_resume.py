@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ovseg_core.compute import ComputeConfig
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.maskformer import build_model, preset_config
 from ovseg_core.maskformer.data import SemanticDataset
@@ -97,7 +98,7 @@ def test_dataloader_workers_do_not_change_the_result(tmp_path):
     for workers in (0, 2):
         torch.manual_seed(0)
         model = build_model(net, class_text(4))
-        cfg = TrainConfig(steps=3, batch_size=2, lr=1e-3, weight_decay=0.0, crop_size=48, num_workers=workers)
-        train(model, ds, cfg, tmp_path / f"ckpt{workers}")
+        cfg = TrainConfig(steps=3, batch_size=2, lr=1e-3, weight_decay=0.0, crop_size=48)
+        train(model, ds, cfg, tmp_path / f"ckpt{workers}", compute=ComputeConfig(loader_workers=workers))
         results.append(model.state_dict())
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

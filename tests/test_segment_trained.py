@@ -3,7 +3,7 @@ named with their ground-truth class names (seen and unseen), must reach an accur
 
 The models come from the pipeline's own stages (world → prepare → pretrain_clip → train_maskformer),
 run in-process from params.yaml with a smaller world and fewer steps, in a temporary working directory:
-the same files, in the same models/ layout, as `dvc repro` writes.
+the same files, in the same models/ layout, as `dvc repro` writes (conftest's `trained_run`).
 
 Floors, set from the figures measured on 2026-12-02 (2-core machine, 24 held-out images, 24 classes of
 which 6 unseen, CLIP `original`): the CLI's mIoU was 15.5 (seen 20.7, unseen 0.0: with this little
@@ -13,54 +13,16 @@ for platform noise: mIoU at least FLOOR_MIOU and at least FLOOR_OVER_BASELINE ti
 """
 from __future__ import annotations
 
-import copy
-import os
-from pathlib import Path
-
 import numpy as np
-import pytest
 from PIL import Image
 
+from conftest import TRAINED_RUN_EVAL_IMAGES as EVAL_IMAGES
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.metrics import ConfusionMatrix
 from scripts.bench_segment import cli_miou
-from stages.common import StageContext, load_params, run_stage
-from test_pipeline_e2e import set_key
 
-REPO = Path(__file__).resolve().parents[1]
-EVAL_IMAGES = 24
 FLOOR_MIOU = 10.0
 FLOOR_OVER_BASELINE = 5.0
-
-SMALLER = {  # params.yaml keys → values: a smaller world and shorter trainings, the same recipe otherwise
-    "world.web_images": 2400,
-    "world.coco_images": 400,
-    "world.eval_sets": {"world-eval": {"images": EVAL_IMAGES}, "world-val": {"images": 4}},
-    "pretrain_clip.train.steps": 100,
-    "pretrain_clip.train.checkpoint_every": 100,
-    "pretrain_clip.probe.images": 8,
-    "train_maskformer.train.steps": 250,
-    "train_maskformer.train.checkpoint_every": 250,
-    "train_maskformer.eval_images": 8,
-}
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """A working directory in which the first four stages ran; returns it (models/ and data/ inside)."""
-    work = tmp_path_factory.mktemp("trained-run")
-    params = load_params(REPO / "params.yaml")
-    for key, value in SMALLER.items():
-        set_key(params, key, copy.deepcopy(value))
-    params["prefect"]["task_retries"] = 0
-    cwd = os.getcwd()
-    os.chdir(work)  # params.yaml's paths are relative to the working directory, as under `dvc repro`
-    try:
-        for stage in ("world", "prepare", "pretrain_clip", "train_maskformer"):
-            run_stage(stage, StageContext(stage, copy.deepcopy(params)))
-    finally:
-        os.chdir(cwd)
-    return work
 
 
 def constant_answer_miou(dataset: PreparedDataset, count: int) -> float:

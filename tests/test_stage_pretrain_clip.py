@@ -26,7 +26,6 @@ def world(tiny_world):
 def params(world, tmp_path, **over):
     section = {
         "arch": ARCH, "pretrained": None, "data": str(world["web"].root), "captions_per_image": None,
-        "torch_threads": 1,
         "out": str(tmp_path / "models/pretrain_clip"), "checkpoints": str(tmp_path / "checkpoints/pretrain_clip"),
         "plots": str(tmp_path / "plots/pretrain_clip"), "metrics": str(tmp_path / "metrics/pretrain_clip.json"),
         "train": {"steps": 3, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 1, "seed": 0,
@@ -38,7 +37,7 @@ def params(world, tmp_path, **over):
             section[key] = {**section[key], **value}
         else:
             section[key] = value
-    return {"pretrain_clip": section}
+    return {"pretrain_clip": section, "compute": {"threads": 1}}
 
 
 def run(p):

@@ -13,13 +13,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def stage_params(tiny_world, tiny_models, base: Path) -> dict:
-    return {"train_maskformer": {
+def stage_params(tiny_world, tiny_models, base: Path, **compute) -> dict:
+    return {"compute": {"threads": 1, **compute}, "train_maskformer": {
         "dataset": str(tiny_world.coco), "clip_arch": tiny_models.clip_arch, "clip": str(tiny_models.clip),
         "out": str(base / "models"), "checkpoints": str(base / "checkpoints"),
         "metrics": str(base / "metrics.json"), "plots": str(base / "loss.csv"),
         "preset": "tiny", "net": {}, "backbone_weights": None, "heldout": [], "eval_images": 1,
-        "torch_threads": 1,
         "train": {"steps": 2, "batch_size": 2, "lr": 1e-3, "weight_decay": 1e-4, "crop_size": 48,
                   "backbone_lr_multiplier": 1.0, "scale_range": [0.75, 1.5], "checkpoint_every": 2, "seed": 0},
     }}

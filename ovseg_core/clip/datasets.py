@@ -88,6 +88,9 @@ class CaptionImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def text(self, index: int) -> str:
+        return self.pairs[index][1]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, None, str]:
         row, caption = self.pairs[index]
         return normalise(self.pixels[row], self.mean, self.std), None, caption

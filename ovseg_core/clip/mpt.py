@@ -114,20 +114,22 @@ def encode_masked(
     masks: torch.Tensor | None = None,
     prompts: MaskPrompts | None = None,
 ) -> torch.Tensor:
-    """L2-normalised image features of masked crops; with prompts, background patches get mask prompts.
+    """L2-normalised fp32 image features of masked crops; with prompts, background patches get mask prompts.
 
     The single image-encoding entry point for mining, evaluation and training (gradients flow; wrap in
-    torch.no_grad() where none are wanted).
+    torch.no_grad() where none are wanted). The forward pass runs in the caller's autocast precision;
+    the features are normalised in fp32, so their norms are 1 to fp32 accuracy.
     """
     if crops.shape[-2:] != (bundle.image_size, bundle.image_size):
         size = bundle.image_size
         raise ValueError(f"crops must be {size}x{size} for {bundle.arch}, got {tuple(crops.shape)}")
     if prompts is None:
-        return bundle.model.encode_image(crops, normalize=True)
-    if masks is None:
+        features = bundle.model.encode_image(crops)
+    elif masks is None:
         raise ValueError("encode_masked: mask prompts need the crops' masks")
-    features = MaskPromptedViT(bundle.model.visual, prompts)(crops, masks)
-    return F.normalize(features, dim=-1)
+    else:
+        features = MaskPromptedViT(bundle.model.visual, prompts)(crops, masks)
+    return F.normalize(features.float(), dim=-1)
 
 
 def save_prompts(prompts: MaskPrompts, path: str | Path, arch: str | None = None) -> Path:

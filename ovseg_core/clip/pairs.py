@@ -26,6 +26,9 @@ class MinedPairSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def text(self, index: int) -> str:
+        return self.pairs.noun(index)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         crop, mask, noun, _ = self.pairs[index]
         pixels = normalise(clip_pixels(crop, self.image_size), self.mean, self.std)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..compute import CPU_FP32, Placement
 from ..datasets.prepared import DATASET_FILE, PreparedDataset
 from ..errors import DataError
 from .adapted import AdaptedClip
@@ -19,16 +20,22 @@ from .text import text_features
 
 @torch.no_grad()
 def probe_metrics(adapted: AdaptedClip, prepared: PreparedDataset, max_images: int = 100,
-                  min_fraction: float = 0.01, batch_size: int = 128) -> dict[str, Any]:
+                  min_fraction: float = 0.01, batch_size: int = 128, placement: Placement = CPU_FP32
+                  ) -> dict[str, Any]:
+    """Accuracy (%) of the adapted CLIP naming every masked region of `prepared`'s first images, on
+    `placement` (the adapted CLIP must already be on its device)."""
     b = adapted.bundle
     probe = segment_probe(prepared, b.image_size, b.mean, b.std, max_images, min_fraction)
     x, m, y = probe.masked, probe.masks, probe.segment_labels
     if not len(y):
         raise DataError(prepared.root / DATASET_FILE, "no labelled regions to probe")
-    text = text_features(b, prepared.classes)
     encode = adapted.encoder()
-    feats = torch.cat([encode(x[s:s + batch_size], m[s:s + batch_size]) for s in range(0, len(x), batch_size)])
-    correct = (feats @ text.T).argmax(1) == y
+    device = placement.device
+    with placement.autocast():
+        text = text_features(b, prepared.classes)
+        feats = torch.cat([encode(x[s:s + batch_size].to(device), m[s:s + batch_size].to(device))
+                           for s in range(0, len(x), batch_size)])
+    correct = ((feats @ text.T).argmax(1) == y.to(device)).cpu()
     seen = torch.tensor(prepared.seen)[y]
 
     def acc(sel: torch.Tensor) -> float | None:

@@ -40,8 +40,8 @@ def text_features(
     if not names:
         return torch.zeros(0, bundle.embed_dim, device=bundle.device)
     prompts = [t.format(name) for name in names for t in templates]
-    chunks = [
-        bundle.model.encode_text(bundle.tokenize(prompts[i : i + batch_size]), normalize=True)
+    chunks = [  # fp32 normalisation, also when the caller runs the text tower under bf16 autocast
+        F.normalize(bundle.model.encode_text(bundle.tokenize(prompts[i : i + batch_size])).float(), dim=-1)
         for i in range(0, len(prompts), batch_size)
     ]
     per_template = torch.cat(chunks).view(len(names), len(templates), -1)
@@ -51,7 +51,10 @@ def text_features(
 class TextFeatureCache:
     """Per-noun memo of `text_features`, so every noun is encoded once per model.
 
-    Valid only while the text tower does not change (it is frozen in every use after pretraining).
+    Each name is encoded on its own (its templates form one batch), so its feature never depends on which
+    other names were new at the same time: mining gives bit-identical pairs however its work is split
+    among threads and processes. Valid only while the text tower does not change (it is frozen in every
+    use after pretraining).
     """
 
     def __init__(self, bundle: ClipBundle, templates: Sequence[str] = VILD_TEMPLATES):
@@ -63,10 +66,8 @@ class TextFeatureCache:
         return len(self._features)
 
     def __call__(self, names: Sequence[str]) -> torch.Tensor:
-        new = list(dict.fromkeys(n for n in names if n not in self._features))
-        if new:
-            for name, feature in zip(new, text_features(self.bundle, new, self.templates)):
-                self._features[name] = feature
+        for name in dict.fromkeys(n for n in names if n not in self._features):
+            self._features[name] = text_features(self.bundle, [name], self.templates)[0]
         if not names:
             return torch.zeros(0, self.bundle.embed_dim, device=self.bundle.device)
         return torch.stack([self._features[n] for n in names])

@@ -224,6 +224,17 @@ class OpenVocabMaskFormer(MaskFormerForInstanceSegmentation):
         auxiliary = [{"masks_queries_logits": m, "class_queries_logits": c} for m, c in zip(masks[:-1], classes[:-1])]
         return classes[-1], masks[-1], auxiliary
 
+    def get_loss_dict(self, masks_queries_logits: Tensor, class_queries_logits: Tensor, mask_labels: list[Tensor],
+                      class_labels: list[Tensor], auxiliary_logits: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        # The matching and the losses in fp32, also under bf16 autocast: the Hungarian costs and the
+        # focal / dice sums are where bf16's 8-bit mantissa would show.
+        def fp32(logits: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v.float() for k, v in logits.items()}
+
+        with torch.autocast(masks_queries_logits.device.type, enabled=False):
+            return super().get_loss_dict(masks_queries_logits.float(), class_queries_logits.float(), mask_labels,
+                                         class_labels, [fp32(a) for a in auxiliary_logits or []])
+
     def get_loss(self, loss_dict: dict[str, Tensor]) -> Tensor:
         # Keep the weighted components (the library returns only their sum) for the training log.
         self.loss_components = {k: v.detach() for k, v in loss_dict.items()}

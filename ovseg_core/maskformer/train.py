@@ -1,16 +1,21 @@
-"""Training the proposal network: AdamW, poly schedule, resumable, single process or DDP.
+"""Training the proposal network: AdamW, poly schedule, resumable, single process or DDP, fp32 or bf16.
 
-Determinism: the batch of global step s is `batch_order(len(dataset), batch_size, s, seed)`; the
-augmentation of the sample at position p of that batch draws from a Generator seeded by
-(seed, s, p); the dropout / drop-path randomness of micro-batch j (numbered across all ranks) is
-seeded by (seed, s, j). All are functions of (seed, step, position) only, so a killed-and-resumed
-run reaches the same weights as an uninterrupted one (also on CUDA, whose RNG state checkpoints do
-not hold), and a batch splits into the same micro-batches whether they run on `world_size` DDP ranks
-or as `accumulation` steps of one process (equal up to float summation order).
+Determinism: the batch of global step s is `batch_order(len(dataset), batch_size, s, seed)`, split
+into `micro_batches` equal micro-batches shared out among the ranks (rank r runs micro-batches
+r·m .. (r+1)·m − 1, m = micro_batches / world size, accumulating gradients); the augmentation of the
+sample at position p of the batch draws from a Generator seeded by (seed, s, p); the dropout /
+drop-path randomness of micro-batch j is seeded by (seed, s, j). All are functions of (seed, step,
+position) only, so a killed-and-resumed run reaches the same weights as an uninterrupted one (also on
+CUDA, whose RNG state checkpoints do not hold), and with `micro_batches` fixed the result does not
+depend on the number of processes: 1 process accumulating 8 micro-batches, 2 ranks accumulating 4 or
+8 ranks with one each compute the same step (equal up to float summation order).
 
-Launched by `torchrun` (WORLD_SIZE > 1 in the environment) training runs under torch's
-DistributedDataParallel — gloo on CPU, nccl on CUDA — each rank taking its contiguous slice of every
-batch; otherwise the same code runs in one process. Only rank 0 writes checkpoints and the log.
+Under a launcher (`ovseg_core.distributed.launch`; WORLD_SIZE > 1) training runs under torch's
+DistributedDataParallel, nccl on CUDA and gloo on CPU; otherwise the same code runs in one process.
+Only rank 0 writes checkpoints and the log. Precision: in bf16, forward passes run under autocast
+while weights, gradients and AdamW state stay fp32, and the loss (matching included) is fp32
+(`OpenVocabMaskFormer.get_loss_dict`). Batches are prepared by `compute.loader_workers` DataLoader
+processes and copied to the GPU from pinned memory.
 """
 from __future__ import annotations
 
@@ -20,7 +25,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,8 +36,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import write_text
+from ..compute import ComputeConfig
+from ..distributed import init_distributed, shutdown
 from ..progress import Progress
 from ..training.checkpoint import batch_order, load_checkpoint, save_checkpoint
+from ..training.loader import step_loader
 from .augment import AugmentConfig, augment
 from .data import SemanticDataset
 from .model import OpenVocabMaskFormer, fingerprint
@@ -57,41 +64,19 @@ class TrainConfig:
     backbone_lr_multiplier: float = 1.0
     poly_power: float = 0.9
     grad_clip: float | None = 0.01
-    accumulation: int = 1  # micro-batches per rank and step (gradients are averaged)
+    micro_batches: int | None = None  # slices of each batch (gradients summed); None = one per rank
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip: bool = True
     checkpoint_every: int = 100
     seed: int = 0
-    num_workers: int = 0  # DataLoader processes preparing batches (results do not depend on it)
 
-
-@dataclass(frozen=True)
-class Distributed:
-    rank: int
-    world_size: int
-    device: torch.device
-    started_here: bool  # this call initialised the process group (and so tears it down)
-
-
-def process_rank() -> int:
-    """This process's rank under torchrun (0 when not distributed), without touching the process group."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def init_distributed() -> Distributed:
-    """Join the torchrun process group when WORLD_SIZE > 1, else describe a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
-    if world <= 1:
-        return Distributed(0, 1, device, False)
-    started = not dist.is_initialized()
-    if cuda:
-        torch.cuda.set_device(device)
-    if started:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), device, started)
+    def slices(self, world_size: int) -> int:
+        """Micro-batches per step for a run on `world_size` ranks (a multiple of it)."""
+        slices = self.micro_batches or world_size
+        if slices % world_size or self.batch_size % slices:
+            raise ValueError(f"micro_batches {slices} must be a multiple of the {world_size} process(es) and divide "
+                             f"the batch size {self.batch_size}")
+        return slices
 
 
 def parameter_groups(model: OpenVocabMaskFormer, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -117,9 +102,11 @@ class StepBatches(torch.utils.data.Dataset):
     target classes). A function of (seed, step) only, so a DataLoader's workers may build them."""
 
     def __init__(self, dataset: SemanticDataset, cfg: TrainConfig, rank: int, world_size: int):
-        self.dataset, self.cfg, self.rank = dataset, cfg, rank
-        self.per_rank = cfg.batch_size // world_size
-        self.micro = self.per_rank // cfg.accumulation
+        self.dataset, self.cfg = dataset, cfg
+        slices = cfg.slices(world_size)
+        self.per_rank = slices // world_size  # micro-batches this rank runs
+        self.first = rank * self.per_rank  # global index of its first micro-batch
+        self.micro = cfg.batch_size // slices  # samples per micro-batch
         self.augment = AugmentConfig(cfg.crop_size, tuple(cfg.scale_range), cfg.flip)
 
     def __len__(self) -> int:
@@ -129,10 +116,9 @@ class StepBatches(torch.utils.data.Dataset):
         cfg, ignore = self.cfg, self.dataset.ignore_label
         order = batch_order(len(self.dataset), cfg.batch_size, step, cfg.seed)
         batches = []
-        for j in range(cfg.accumulation):
-            first = self.rank * self.per_rank + j * self.micro
+        for j in range(self.first, self.first + self.per_rank):
             images, masks, classes = [], [], []
-            for pos in range(first, first + self.micro):
+            for pos in range(j * self.micro, (j + 1) * self.micro):
                 image, label = self.dataset[int(order[pos])]
                 image, label = augment(image, label, self.augment, ignore, np.random.default_rng([cfg.seed, step, pos]))
                 m, c = semantic_targets(label, ignore)
@@ -160,24 +146,26 @@ def write_log(path: Path, rows: list[dict[str, float]]) -> None:
     write_text(path, buf.getvalue())
 
 
-def run_fingerprint(model: OpenVocabMaskFormer, cfg: TrainConfig, num_items: int, world_size: int) -> str:
-    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "num_workers")}
+def run_fingerprint(model: OpenVocabMaskFormer, cfg: TrainConfig, num_items: int, slices: int) -> str:
+    """What decides the weights: the recipe, architecture, vocabulary, data size and the batch's split
+    into micro-batches (not the number of processes sharing them, nor checkpointing)."""
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "micro_batches")}
     facts = {"train": recipe, "model": fingerprint(model.net, model.class_predictor.text_features),
-             "items": num_items, "world_size": world_size}
+             "items": num_items, "micro_batches": slices}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
 def train(model: OpenVocabMaskFormer, dataset: SemanticDataset, cfg: TrainConfig, checkpoint_dir: str | Path,
-          log_path: str | Path | None = None) -> list[dict[str, float]]:
-    """Train `model` (in place) for cfg.steps steps, resuming from `checkpoint_dir` when it holds a
-    checkpoint of the same run. The vocabulary of `model` must follow the dataset's class order.
-    Returns the per-step log (rank 0; other ranks return an empty list)."""
+          log_path: str | Path | None = None, compute: ComputeConfig | None = None) -> list[dict[str, float]]:
+    """Train `model` (in place) for cfg.steps steps on `compute`'s device and precision, resuming from
+    `checkpoint_dir` when it holds a checkpoint of the same run. The vocabulary of `model` must follow
+    the dataset's class order. Returns the per-step log (rank 0; other ranks return an empty list)."""
+    compute = compute or ComputeConfig()
     if model.num_classes != len(dataset.classes):
         raise ValueError(f"model vocabulary has {model.num_classes} classes, dataset {len(dataset.classes)}")
-    ctx = init_distributed()
-    slices = ctx.world_size * cfg.accumulation
-    if cfg.batch_size % slices:
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by world size × accumulation = {slices}")
+    ctx = init_distributed(compute.device)
+    placement = compute.placement(ctx.device)
+    slices = cfg.slices(ctx.world_size)
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"dataset has {len(dataset)} samples, fewer than the batch size {cfg.batch_size}")
     checkpoint_dir = Path(checkpoint_dir)
@@ -186,12 +174,12 @@ def train(model: OpenVocabMaskFormer, dataset: SemanticDataset, cfg: TrainConfig
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.steps, power=cfg.poly_power)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
 
-    run_id = run_fingerprint(model, cfg, len(dataset), ctx.world_size)
+    run_id = run_fingerprint(model, cfg, len(dataset), slices)
     start, rows = 0, []
     found = load_checkpoint(checkpoint_dir, {}, restore_rng=False)
     if found is not None and found[1].get("fingerprint") == run_id:
         start, extra = load_checkpoint(checkpoint_dir, state)
-        rows = extra["log"] if ctx.rank == 0 else []
+        rows = extra["log"] if ctx.is_main else []
         log.info("resuming from step %d of %d (%s)", start, cfg.steps, checkpoint_dir)
     elif found is not None:
         log.warning("%s holds a checkpoint of a different run (config, vocabulary or data changed); starting over",
@@ -201,9 +189,10 @@ def train(model: OpenVocabMaskFormer, dataset: SemanticDataset, cfg: TrainConfig
     if ctx.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    batches = torch.utils.data.DataLoader(StepBatches(dataset, cfg, ctx.rank, ctx.world_size), batch_size=None,
-                                          sampler=range(start, cfg.steps), num_workers=cfg.num_workers)
-    progress = Progress(cfg.steps, "maskformer") if ctx.rank == 0 else None
+    per_rank = slices // ctx.world_size
+    batches = step_loader(StepBatches(dataset, cfg, ctx.rank, ctx.world_size), start, cfg.steps,
+                          compute.loader_workers, pin=ctx.device.type == "cuda")
+    progress = Progress(cfg.steps, "maskformer") if ctx.is_main else None
     if progress is not None and start:
         progress.update(start)
     try:
@@ -211,16 +200,17 @@ def train(model: OpenVocabMaskFormer, dataset: SemanticDataset, cfg: TrainConfig
             optimizer.zero_grad(set_to_none=True)
             terms = torch.zeros(4, device=ctx.device)  # loss, cross entropy, mask, dice (last decoder layer)
             for j, (images, masks, classes) in enumerate(micro_batches):
-                sync = j == cfg.accumulation - 1 or ctx.world_size == 1
+                sync = j == per_rank - 1 or ctx.world_size == 1
                 with (contextlib.nullcontext() if sync else net.no_sync()), \
-                        seeded_rng([cfg.seed, step, ctx.rank * cfg.accumulation + j], ctx.device):
-                    out = net(pixel_values=model.normalize(images.to(ctx.device)),
-                              mask_labels=[m.to(ctx.device) for m in masks],
-                              class_labels=[c.to(ctx.device) for c in classes])
-                    (out.loss / cfg.accumulation).backward()
+                        seeded_rng([cfg.seed, step, ctx.rank * per_rank + j], ctx.device):
+                    with placement.autocast():
+                        out = net(pixel_values=model.normalize(images.to(ctx.device, non_blocking=True)),
+                                  mask_labels=[m.to(ctx.device, non_blocking=True) for m in masks],
+                                  class_labels=[c.to(ctx.device, non_blocking=True) for c in classes])
+                    (out.loss / per_rank).backward()  # DDP then averages over the ranks: the mean of all slices
                 parts = model.loss_components
                 terms += torch.stack([out.loss.detach(), parts["loss_cross_entropy"], parts["loss_mask"],
-                                      parts["loss_dice"]]) / cfg.accumulation
+                                      parts["loss_dice"]]) / per_rank
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
             lr = optimizer.param_groups[0]["lr"]  # groups are sorted: the first is a head (non-backbone) group
             optimizer.step()
@@ -229,7 +219,7 @@ def train(model: OpenVocabMaskFormer, dataset: SemanticDataset, cfg: TrainConfig
                 dist.all_reduce(terms)
                 terms /= ctx.world_size
             done = step + 1
-            if ctx.rank == 0:
+            if ctx.is_main:
                 values = terms.tolist()
                 rows.append({"step": done, "loss": values[0], "loss_cross_entropy": values[1],
                              "loss_mask": values[2], "loss_dice": values[3], "grad_norm": float(grad_norm), "lr": lr})
@@ -238,13 +228,12 @@ def train(model: OpenVocabMaskFormer, dataset: SemanticDataset, cfg: TrainConfig
                     save_checkpoint(checkpoint_dir, done, state, extra={"fingerprint": run_id, "log": rows})
                     if log_path is not None:
                         write_log(Path(log_path), rows)
-        if ctx.rank == 0 and log_path is not None and start == cfg.steps:
+        if ctx.is_main and log_path is not None and start == cfg.steps:
             write_log(Path(log_path), rows)  # already complete: still (re)write the log output
         if ctx.world_size > 1:
             dist.barrier()  # every rank returns only once rank 0 has written its files
     finally:
         if progress is not None:
             progress.close()
-        if ctx.started_here:
-            dist.destroy_process_group()
+        shutdown(ctx)
     return rows

@@ -1,0 +1,193 @@
+"""Where and how a stage computes: device, numeric precision, processes, data-loader workers, CPU threads.
+
+params.yaml's `compute:` section holds the values every stage uses; `compute.stages.<stage>` (or
+`<stage>@<variant>`, e.g. `adapt_clip@ft`) overrides them for one stage. `ComputeConfig.for_stage` merges
+them. A config says what is *asked for* ("auto" included); `Placement` is what one process resolved
+it to on the machine it runs on:
+
+- device `auto` takes the GPU when one is visible, else the CPU; `cuda` without a visible GPU is an
+  error that says so (never a silent CPU run of a GPU recipe);
+- precision `auto` is bf16 on a GPU that supports it, fp32 otherwise. bf16 means autocast around
+  forward passes and losses (parameters, gradients and optimizer state stay fp32: FT's lr 5e-6 would
+  vanish in bf16 weights); CPU autocast supports bf16 too, which is how the bf16 logic is tested here;
+- processes: DDP ranks per node for the training stages (`ovseg_core.distributed.launch`), worker
+  processes for the units of mining, evaluation and the sweep; on CUDA each process takes one GPU;
+- loader_workers: DataLoader processes decoding and preparing batches beside each compute process;
+- threads: torch CPU threads per process (None: the cores shared out among the processes and the
+  units each runs at once).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager, Mapping
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+RDZV_BACKENDS = ("static", "c10d")
+
+
+class ComputeError(RuntimeError):
+    """The compute section asks for what this machine does not have."""
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:<index>
+    precision: str = "auto"  # auto | fp32 | bf16
+    processes: int | str = 1  # per node: DDP ranks (training) or unit worker processes; "auto": one per GPU
+    loader_workers: int = 0  # DataLoader worker processes per compute process
+    threads: int | None = None  # torch CPU threads per compute process; None = cores / concurrent work
+    grad_checkpointing: bool = False  # CLIP training: recompute activations in backward (memory for time)
+    nodes: int = 1  # training across machines: every node runs the stage with the same settings
+    node_rank: int = 0  # this machine's place among them (0 writes the outputs)
+    master: str | None = None  # "host:port" that node 0 listens on for the rendezvous (nodes > 1)
+    rdzv_backend: str = "static"  # torchrun rendezvous: static (node_rank decides) or c10d
+
+    def __post_init__(self) -> None:
+        kind = self.device.split(":")[0]
+        if kind not in DEVICES or (":" in self.device and (kind != "cuda" or not self.device[5:].isdigit())):
+            raise ValueError(f"compute.device must be one of {DEVICES} or cuda:<index>, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"compute.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.processes == "auto":  # one process per visible GPU (one on a machine without)
+            gpus = torch.cuda.device_count() if self.device.split(":")[0] in ("auto", "cuda") else 0
+            object.__setattr__(self, "processes", max(1, gpus if ":" not in self.device else 1))
+        if not isinstance(self.processes, int) or self.processes < 1 or self.nodes < 1 or self.loader_workers < 0:
+            raise ValueError(f"compute: processes ({self.processes!r}) must be >= 1 or auto, nodes >= 1, "
+                             "loader_workers >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"compute.threads must be >= 1 or null, got {self.threads}")
+        if not 0 <= self.node_rank < self.nodes:
+            raise ValueError(f"compute.node_rank {self.node_rank} must lie in 0..nodes-1 ({self.nodes} nodes)")
+        if self.nodes > 1 and not self.master:
+            raise ValueError("compute.master (host:port of node 0) is needed for a multi-node run")
+        if self.rdzv_backend not in RDZV_BACKENDS:
+            raise ValueError(f"compute.rdzv_backend must be one of {RDZV_BACKENDS}, got {self.rdzv_backend!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "ComputeConfig":
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown compute option(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def for_stage(cls, params: Mapping[str, Any], stage: str, variant: str | None = None) -> "ComputeConfig":
+        """params.yaml's `compute` values, overridden by `compute.stages.<stage>`, then `<stage>@<variant>`."""
+        section = dict(params.get("compute") or {})
+        overrides = section.pop("stages", None) or {}
+        merged = {**section, **(overrides.get(stage) or {})}
+        if variant is not None:
+            merged.update(overrides.get(f"{stage}@{variant}") or {})
+        return cls.from_dict(merged)
+
+    @property
+    def world_size(self) -> int:
+        return self.processes * self.nodes
+
+    def cpu_threads(self, concurrent: int = 1) -> int:
+        """torch threads for each of `concurrent` units running at once in each of the node's processes."""
+        if self.threads is not None:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // (self.processes * max(1, concurrent)))
+
+    def placement(self, device: torch.device | str | None = None) -> "Placement":
+        """Resolve device and precision in this process (`device` pins a resolved device, e.g. a DDP rank's)."""
+        resolved = torch.device(device) if device is not None else resolve_device(self.device)
+        return Placement(resolved, resolve_precision(self.precision, resolved))
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → cuda when visible, else cpu; `cuda` on a machine without a visible GPU is a ComputeError."""
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ComputeError(
+                f"compute.device is {name!r} but no CUDA device is visible to this process (torch "
+                f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+                "run on a GPU machine, or set compute.device to auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ComputeError(f"compute.device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` → bf16 on a GPU with bf16 support, fp32 otherwise; bf16 on a GPU without it is a ComputeError."""
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if name == "auto":
+        return "bf16" if cuda_bf16 else "fp32"
+    if name == "bf16" and device.type == "cuda" and not cuda_bf16:
+        raise ComputeError(f"compute.precision bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
+                           "use fp32")
+    return name
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A resolved device and precision: where one process computes, and in which number format."""
+
+    device: torch.device
+    precision: str  # fp32 | bf16
+
+    def autocast(self) -> ContextManager[Any]:
+        """bf16 autocast around forward passes (fp32 parameters stay fp32); a no-op for fp32."""
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def describe(self) -> dict[str, str]:
+        return {"device": str(self.device), "precision": self.precision}
+
+
+CPU_FP32 = Placement(torch.device("cpu"), "fp32")
+
+_claim_lock = threading.Lock()
+_claimed: list[tuple[int, Any]] = []  # (GPU index, open lock file): held for as long as this process lives
+
+
+def claim_gpu() -> int:
+    """The CUDA device index this worker process takes: the first GPU no other live process of this user
+    has claimed on this machine (an flock per GPU, released when the process exits), so a pool of N
+    processes on N GPUs spreads one per GPU whatever started it (a process pool, Dask workers). With more
+    processes than GPUs, the extra ones share them round robin. One claim per process (threads share it)."""
+    count = torch.cuda.device_count()
+    if count <= 1:
+        return 0
+    with _claim_lock:
+        if _claimed:
+            return _claimed[0][0]
+        directory = Path(tempfile.gettempdir()) / f"ovseg-gpu-claims-{os.getuid()}"
+        directory.mkdir(exist_ok=True)
+        for index in range(count):
+            handle = open(directory / f"cuda{index}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            _claimed.append((index, handle))
+            return index
+        return os.getpid() % count
+
+
+def worker_placement(cfg: ComputeConfig) -> Placement:
+    """The placement of a unit worker process (mining, evaluation): its own GPU on CUDA (`claim_gpu`)."""
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", claim_gpu())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return cfg.placement(device)

@@ -1,0 +1,79 @@
+"""Mining at scale: results do not depend on how the work is cut. Batches of images through MaskFormer and
+of crops through CLIP give the pairs of the one-image-at-a-time path; DataLoader workers change nothing;
+units spread over two worker processes give byte-identical shards."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ovseg_core.clip.models import load_clip
+from ovseg_core.compute import CPU_FP32
+from ovseg_core.datasets.prepared import PreparedDataset
+from ovseg_core.maskformer.model import load_model
+from ovseg_core.mining import Miner, MiningConfig
+
+VARIANT = "proposals-nouns"
+
+
+def miner(tiny_world, tiny_models, loader_workers: int = 0, **settings) -> Miner:
+    cfg = MiningConfig.from_dict({"top_proposals": 12, "image_format": "png", "images_per_unit": 100,
+                                  "nouns": {"tagger": f"trained:{tiny_world.tagged_captions}"}, **settings})
+    return Miner(cfg, PreparedDataset.load(tiny_world.coco), load_clip(tiny_models.clip_arch, tiny_models.clip),
+                 load_model(tiny_models.proposal_net)[0], CPU_FP32, loader_workers)
+
+
+def mined(m: Miner) -> dict:
+    with torch.random.fork_rng():
+        return {p.key: p for p in m.mine_images(range(len(m.dataset)))}
+
+
+@pytest.fixture(scope="module")
+def per_image(tiny_world, tiny_models):
+    """The one-image-at-a-time path: one image per MaskFormer forward, its own crops per CLIP forward."""
+    torch.set_num_threads(1)
+    return mined(miner(tiny_world, tiny_models, batch_images=1, crop_batch=1))
+
+
+def test_batched_mining_gives_the_per_image_pairs(per_image, tiny_world, tiny_models):
+    batched = mined(miner(tiny_world, tiny_models, batch_images=8, crop_batch=64))
+    assert len(per_image) > 20
+    assert batched.keys() == per_image.keys()
+    assert all(batched[k].noun == per_image[k].noun and batched[k].image_id == per_image[k].image_id
+               for k in per_image)
+    # Float rounding may move a mask pixel across the threshold or a crop pixel by one grey level; count them.
+    flipped = sum(int((batched[k].mask != per_image[k].mask).sum()) for k in per_image)
+    total = sum(p.mask.size for p in per_image.values())
+    grey = max(int(np.abs(batched[k].crop.astype(int) - per_image[k].crop.astype(int)).max()) for k in per_image)
+    print(f"batched vs per-image: {len(per_image)} pairs, {flipped} of {total} mask pixels flipped, "
+          f"crop pixels differ by at most {grey}")
+    assert flipped <= total * 1e-4 and grey <= 1
+    assert max(abs(batched[k].score - per_image[k].score) for k in per_image) < 1e-5
+
+
+def test_loader_workers_change_nothing(per_image, tiny_world, tiny_models):
+    with_workers = mined(miner(tiny_world, tiny_models, loader_workers=2, batch_images=1, crop_batch=1))
+    assert with_workers.keys() == per_image.keys()
+    assert all(np.array_equal(with_workers[k].crop, per_image[k].crop) and with_workers[k].score == per_image[k].score
+               for k in per_image)
+
+
+def shard_digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("pairs-*.tar"))}
+
+
+def test_two_worker_processes_mine_byte_identical_shards(tiny_mined, mine_params, tmp_path):
+    from flows.stage import stage_flow  # imports Prefect: after conftest has isolated its state
+
+    params = mine_params(tmp_path, compute={"processes": 2})
+    threads = torch.get_num_threads()
+    try:
+        summary = stage_flow("mine", params, VARIANT)()  # Prefect's process pool, as under `dvc repro`
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["units"] == tiny_mined.summary["units"] >= 4
+    one_process = shard_digests(tiny_mined.out)
+    assert shard_digests(tmp_path / "mined" / VARIANT) == one_process and len(one_process) == summary["units"]

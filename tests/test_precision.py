@@ -1,0 +1,93 @@
+"""bf16 autocast (compute.precision) on the CPU, where torch supports it too: the GPU's number format,
+tested here. Evaluation in bf16 stays within half a point of fp32 mIoU with trained models; trainings
+in bf16 follow the fp32 losses; weights stay fp32, so an update as small as FT's lr 5e-6 is kept."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ovseg_core.clip.adapted import load_adapted
+from ovseg_core.clip.models import load_clip
+from ovseg_core.clip.train import train_clip
+from ovseg_core.compute import ComputeConfig, Placement
+from ovseg_core.datasets.prepared import PreparedDataset
+from ovseg_core.evaluation import BRANCHES, BranchSegmenter, evaluate_branches
+from ovseg_core.maskformer import build_model, preset_config
+from ovseg_core.maskformer.data import SemanticDataset
+from ovseg_core.maskformer.model import load_model
+from ovseg_core.maskformer.train import TrainConfig, train
+from test_clip_train import SyntheticPairs, config
+from test_maskformer import class_text, make_prepared
+
+CPU = torch.device("cpu")
+MAX_MIOU_GAP = 0.5  # the issue's bound for bf16 vs fp32 evaluation
+LOSS_RTOL = 0.02  # per-step CLIP training loss, bf16 vs fp32
+# MaskFormer: the first step (same weights) within LOSS_RTOL; later steps within 5%, since after an update
+# the Hungarian matching may pair a ground-truth mask with another query in the two runs (measured: 2.3%).
+MASKFORMER_LATER_RTOL = 0.05
+
+
+def test_auto_precision_is_fp32_on_the_cpu_and_bf16_can_be_asked_for():
+    assert ComputeConfig().placement().precision == ("bf16" if torch.cuda.is_available() else "fp32")
+    assert ComputeConfig(device="cpu", precision="bf16").placement() == Placement(CPU, "bf16")
+    with Placement(CPU, "bf16").autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with Placement(CPU, "fp32").autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_bf16_evaluation_is_within_half_a_point_of_fp32(trained_run):
+    dataset = PreparedDataset.load(trained_run / "data" / "prepared" / "world-eval")
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        model, _ = load_model(trained_run / "models" / "train_maskformer" / "model.pt")
+        adapted = load_adapted(trained_run / "models" / "pretrain_clip" / "clip.pt", "ovseg-tiny-vit")
+        segmenter = BranchSegmenter.build(model, adapted, dataset.classes, 0.5, placement=Placement(CPU, precision))
+        result = evaluate_branches(segmenter, dataset, 0.7)
+        scores[precision] = {b: m.miou for b, m in result.metrics(dataset.classes, dataset.seen).items()}
+    print("mIoU fp32 / bf16:", {b: (round(scores["fp32"][b], 2), round(scores["bf16"][b], 2)) for b in BRANCHES})
+    assert scores["fp32"]["ensemble"] > 5  # trained models: the comparison is about real predictions
+    for branch in BRANCHES:
+        assert abs(scores["bf16"][branch] - scores["fp32"][branch]) <= MAX_MIOU_GAP, branch
+
+
+@pytest.mark.parametrize("mode", ["ft", "mpt", "pretrain"])
+def test_bf16_clip_training_follows_the_fp32_losses(mode, tmp_path):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        bundle = load_clip("ovseg-tiny-vit")
+        lr = {"mpt": 2e-2}.get(mode, 1e-3)
+        result = train_clip(bundle, SyntheticPairs(with_masks=mode == "mpt"), config(mode, steps=4, lr=lr),
+                            tmp_path / precision, compute=ComputeConfig(device="cpu", precision=precision))
+        losses[precision] = [row["loss"] for row in result.log]
+        assert all(p.dtype == torch.float32 for p in bundle.model.parameters())
+    assert losses["fp32"][0] != losses["fp32"][-1]
+    for a, b in zip(losses["fp32"], losses["bf16"]):
+        assert abs(a - b) <= LOSS_RTOL * abs(a), (losses["fp32"], losses["bf16"])
+
+
+def test_bf16_fine_tuning_keeps_updates_of_lr_5e_6(tmp_path):
+    """bf16 weights could not hold them: near 0.02 a bf16 step is ~1e-4, twenty times such an update."""
+    torch.manual_seed(0)
+    bundle = load_clip("ovseg-tiny-vit")
+    before = bundle.model.visual.proj.detach().clone()
+    train_clip(bundle, SyntheticPairs(), config("ft", steps=2, lr=5e-6, warmup_steps=0, weight_decay=0.0),
+               tmp_path, compute=ComputeConfig(device="cpu", precision="bf16"))
+    step = (bundle.model.visual.proj.detach() - before).abs()
+    assert bundle.model.visual.proj.dtype == torch.float32
+    assert step.max() > 1e-6 and step.median() > 1e-7  # Adam moves every entry by ~lr per step
+
+
+def test_bf16_maskformer_training_follows_the_fp32_losses(tmp_path):
+    data = SemanticDataset(PreparedDataset.load(make_prepared(tmp_path, 8)))
+    cfg = TrainConfig(steps=3, batch_size=2, lr=1e-4, weight_decay=1e-4, crop_size=48)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = build_model(preset_config("tiny", num_queries=8, decoder_layers=2), class_text(4))
+        rows = train(model, data, cfg, tmp_path / precision, compute=ComputeConfig(device="cpu", precision=precision))
+        losses[precision] = [row["loss"] for row in rows]
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    for step, (a, b) in enumerate(zip(losses["fp32"], losses["bf16"])):
+        assert abs(a - b) <= (LOSS_RTOL if step == 0 else MASKFORMER_LATER_RTOL) * abs(a), (losses["fp32"], losses["bf16"])
