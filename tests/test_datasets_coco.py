@@ -154,24 +154,25 @@ def coco_file(images: list[dict], annotations: list[dict], categories: list[dict
 
 def make_json_coco(root: Path, things: list[dict] | None = None, stuff: list[dict] | None = None) -> Path:
     """Two 6x8 images; the first has sky (polygon), road (RLE), 'other' (RLE), a person (polygon) and a crowd
-    of cars (RLE); the second has no annotations. Categories: only the ones used (like the embedded world)."""
+    of cars (RLE); the second has no annotations. Categories: only the ones used (like the embedded world).
+    As in COCO-Stuff, the stuff file labels the crowd's region 'other' (a thing region)."""
     images = [{"id": 1, "file_name": "000000000001.jpg", "height": H, "width": W},
               {"id": 2, "file_name": "000000000002.jpg", "height": H, "width": W}]
     for img in images:
         write_jpeg(root / "val2017" / img["file_name"], H, W)
+    crowd = box_mask(H, W, slice(4, 6), slice(5, 8))
     stuff_anns = [
         {"id": 10, "image_id": 1, "category_id": 157, "iscrowd": 0,
          "segmentation": [[0, 0, 8, 0, 8, 2, 0, 2]]},  # rows 0-1
         {"id": 11, "image_id": 1, "category_id": 149, "iscrowd": 0,
-         "segmentation": rle(box_mask(H, W, slice(3, 6), slice(0, 8)))},  # rows 3-5
-        {"id": 12, "image_id": 1, "category_id": 183, "iscrowd": 0,
-         "segmentation": rle(box_mask(H, W, slice(0, 2), slice(6, 8)))},  # 'other' over the sky's corner
+         "segmentation": rle(box_mask(H, W, slice(3, 6), slice(0, 8)) & ~crowd)},  # rows 3-5 but the crowd
+        {"id": 12, "image_id": 1, "category_id": 183, "iscrowd": 0,  # 'other': the sky's corner and the crowd
+         "segmentation": rle(box_mask(H, W, slice(0, 2), slice(6, 8)) | crowd)},
     ]
     thing_anns = [
         {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
          "segmentation": [[1, 1, 4, 1, 4, 5, 1, 5]]},  # rows 1-4, cols 1-3
-        {"id": 2, "image_id": 1, "category_id": 3, "iscrowd": 1,
-         "segmentation": rle(box_mask(H, W, slice(4, 6), slice(5, 8)))},
+        {"id": 2, "image_id": 1, "category_id": 3, "iscrowd": 1, "segmentation": rle(crowd)},
     ]
     ann_dir = root / "annotations"
     ann_dir.mkdir(parents=True, exist_ok=True)
@@ -184,13 +185,15 @@ def make_json_coco(root: Path, things: list[dict] | None = None, stuff: list[dic
 
 
 # person 0, car 1, road 2, sky-other 3 (categories sorted by id); things painted over stuff; 'other' → 255.
+# The crowd of cars is not painted (cocostuffapi's label maps leave crowds out: includeCrowd=False), so its
+# 'other' region stays ignore.
 JSON_EXPECTED = np.array([
     [3, 3, 3, 3, 3, 3, 255, 255],
     [3, 0, 0, 0, 3, 3, 255, 255],
     [255, 0, 0, 0, 255, 255, 255, 255],
     [2, 0, 0, 0, 2, 2, 2, 2],
-    [2, 0, 0, 0, 2, 1, 1, 1],
-    [2, 2, 2, 2, 2, 1, 1, 1],
+    [2, 0, 0, 0, 2, 255, 255, 255],
+    [2, 2, 2, 2, 2, 255, 255, 255],
 ])
 
 

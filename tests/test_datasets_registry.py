@@ -10,7 +10,8 @@ from PIL import Image
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.datasets.registry import DATASETS, prepare_dataset
 from ovseg_core.datasets import class_names as cn
-from ovseg_core.datasets.classes import ClassList, normalise_name, read_name_list, read_numbered_labels
+from ovseg_core.datasets.classes import ClassList, read_name_list, read_numbered_labels
+from ovseg_core.datasets.concepts import normalise_name
 from ovseg_core.errors import DataError
 
 
@@ -44,9 +45,9 @@ def test_names_are_normalised_for_matching(name, expected):
 def test_seen_when_any_synonym_is_in_the_vocabulary():
     classes = ClassList.from_names(["building, edifice", "tree", "wall-other", "floor"])
     assert classes.names == ["building", "tree", "wall-other", "floor"]
-    assert classes.seen(["EDIFICE", "tree-merged", "wall"]) == [True, True, True, False]
-    assert classes.seen([]) == [False] * 4
-    assert classes.seen(None) == [True] * 4  # a training set: every class is seen
+    assert [m.seen for m in classes.seen_split(["EDIFICE", "tree-merged", "wall"])] == [True, True, True, False]
+    assert [m.seen for m in classes.seen_split([])] == [False] * 4
+    assert [m.seen for m in classes.seen_split(None)] == [True] * 4  # a training set: every class is seen
 
 
 def test_label_list_files(tmp_path):

@@ -172,8 +172,15 @@ def test_ade_eval_sets(world, cfg):
         ade = root / "eval" / name / "ADEChallengeData2016"
         with open(ade / f"objectInfo{K}.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-        assert list(rows[0]) == ["Idx", "Ratio", "Train", "Val", "Name"]
-        assert [r["Name"].split(";")[0] for r in rows] == [c.name for c in CLASSES]
+        with open(ade / f"objectInfo{K}.txt", newline="") as f:
+            txt_rows = list(csv.DictReader(f, delimiter="\t"))
+        # the challenge's .txt: synonyms split by ", "; the sceneparsing .csv: every word split by ";"
+        assert list(txt_rows[0]) == list(rows[0]) == ["Idx", "Ratio", "Train", "Val", "Name"]
+        assert [r["Name"].split(", ") for r in txt_rows] == [[c.name, *c.synonyms] for c in CLASSES]
+        assert [r["Name"] for r in rows] == [";".join(" ".join([c.name, *c.synonyms]).split()) for c in CLASSES]
+        assert "wall;brick;wall" in {r["Name"] for r in rows}  # a two-word synonym, as the real file writes them
+        assert [(r["Idx"], r["Ratio"], r["Train"], r["Val"]) for r in rows] == [
+            (r["Idx"], r["Ratio"], r["Train"], r["Val"]) for r in txt_rows]
         assert [int(r["Idx"]) for r in rows] == list(range(1, K + 1))
         n = cfg.eval_sets[name].images
         values = set()
@@ -188,6 +195,24 @@ def test_ade_eval_sets(world, cfg):
         else:  # the shift set's stuff mix is its stuff_weights
             assert {v - 1 - NUM_THINGS for v in values if v > NUM_THINGS} <= {
                 s for s, spec in enumerate(STUFF) if spec.name in ("sand", "snow", "road")}
+
+
+def test_readers_take_the_world_as_real_data(world, cfg, tmp_path):
+    """The world's ADE class files pass the reader's checks of the official formats; the seen flags the
+    reader derives from the COCO split's categories are the world's own."""
+    from ovseg_core.datasets.prepared import SEEN_FILE
+    from ovseg_core.datasets.registry import prepare_dataset
+
+    root, _ = world
+    coco = prepare_dataset("coco-stuff-171-json", root / "coco", tmp_path / "coco", "train2017")
+    ds = prepare_dataset("ade20k-150", root / "eval" / "world-eval", tmp_path / "eval", "validation",
+                         train_vocabulary=coco.classes)
+    assert ds.classes == [c.name for c in CLASSES]
+    assert ds.source["synonyms"] == [[c.name, *c.synonyms] for c in CLASSES]
+    assert len(ds.source["class_files"]) == 2  # objectInfo{K}.txt names the classes, the .csv is checked
+    assert ds.seen == seen_flags(cfg)
+    with open(ds.root / SEEN_FILE, newline="") as f:
+        assert [r["seen"] == "True" for r in csv.DictReader(f)] == seen_flags(cfg)
 
 
 def test_scene_masks_partition_the_image():

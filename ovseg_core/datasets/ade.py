@@ -1,14 +1,18 @@
 """ADE20K readers.
 
 ADE20K-150 (SceneParsing): `<root>/ADEChallengeData2016/{images,annotations}/{training,validation}/`,
-`<id>.jpg` + `<id>.png` (uint8; 0 unlabeled, k = class k-1). The classes come from the ADE class file
-(`objectInfo{K}.csv`, or the challenge's `objectInfo150.txt`) when one is given or found in the dataset
-directory, else from the official 150-class list; the embedded world's held-out sets use this layout.
+`<id>.jpg` + `<id>.png` (uint8; 0 unlabeled, k = class k-1). The classes are the official 150-class list;
+the class files found in the dataset directory (the challenge's `objectInfo150.txt`, the sceneparsing
+repository's `objectInfo150.csv`) or given are checked against it. An ADE-layout set with another number K of
+classes (the embedded world's held-out sets) names them in `objectInfo{K}.txt`, its `.csv` checked against that.
 
 ADE20K-847 (ADE20K-Full): the detectron2-prepared layout `<root>/ADE20K_2021_17_01/images_detectron2/<split>/
 <id>.jpg` + `annotations_detectron2/<split>/<id>.tif` (uint16 class ids, 65535 ignore), or the raw release
 `<root>/ADE20K_2021_17_01/images/ADE/<split>/**/<id>.jpg` + `<id>_seg.png` whose object index is
-R/10·256 + G (0 unlabeled), mapped to the 847-class subset; objects outside the subset are ignore.
+R/10·256 + G (0 unlabeled), mapped to the 847-class subset; objects outside the subset are ignore. The raw
+layout keeps the released resolution; detectron2's preparation resizes images (bilinear) and labels (nearest)
+to a short side of 512, so scores on the two layouts differ slightly: use the detectron2 layout to compare
+with published numbers.
 """
 from __future__ import annotations
 
@@ -27,12 +31,14 @@ from .prepared import PreparedDataset
 
 ADE150_LAYOUT = ("<root>/ADEChallengeData2016/images/{training,validation}/*.jpg, "
                  "<root>/ADEChallengeData2016/annotations/{training,validation}/*.png (0 unlabeled, k = class k-1), "
-                 "optional class file objectInfo{K}.csv or objectInfo150.txt")
+                 "class files objectInfo150.txt / objectInfo150.csv (optional; objectInfo{K}.txt for K classes)")
 ADE847_D2_LAYOUT = ("<root>/ADE20K_2021_17_01/images_detectron2/{training,validation}/*.jpg and "
                     "annotations_detectron2/{training,validation}/*.tif (uint16, 65535 ignore)")
 ADE847_RAW_LAYOUT = ("<root>/ADE20K_2021_17_01/images/ADE/{training,validation}/**/*.jpg with *_seg.png beside "
                      "each image (class index R/10*256 + G)")
 LAYOUTS = ("auto", "detectron2", "raw")
+RESOLUTION = {"detectron2": "as detectron2's preparation wrote it (short side resized to 512)",
+              "raw": "as released (not resized to detectron2's short side of 512)"}
 RAW_INDEX_LIMIT = 26 * 256  # R/10 ≤ 25 in *_seg.png
 
 
@@ -43,13 +49,10 @@ def ade_split(split: str) -> str:
     return names[split]
 
 
-def find_class_file(raw_root: Path) -> Path | None:
-    """The ADE class file shipped in the dataset directory, if there is exactly one."""
-    found = sorted({p for d in (raw_root / "ADEChallengeData2016", raw_root) if d.is_dir()
-                    for p in d.glob("objectInfo*") if p.suffix in (".csv", ".txt")})
-    if len(found) > 1:
-        raise DataError(raw_root, f"several ADE class files {[str(p) for p in found]}; pass class_file to choose")
-    return found[0] if found else None
+def find_class_files(raw_root: Path) -> list[Path]:
+    """The ADE class files (objectInfo{K}.txt / .csv) in the dataset directory or beside it."""
+    return sorted({p for d in (raw_root / "ADEChallengeData2016", raw_root) if d.is_dir()
+                   for p in d.glob("objectInfo*") if p.suffix in (".csv", ".txt")})
 
 
 def prepare_ade150(raw_root: Path, out_root: Path, split: str, *, name: str,
@@ -58,8 +61,9 @@ def prepare_ade150(raw_root: Path, out_root: Path, split: str, *, name: str,
     base = raw_root / "ADEChallengeData2016"
     image_dir = require_dir(base / "images" / sdir, ADE150_LAYOUT)
     label_dir = require_dir(base / "annotations" / sdir, ADE150_LAYOUT)
-    class_file = class_file or find_class_file(raw_root)
-    classes = read_object_info(class_file) if class_file else ClassList.from_names(ADE20K_150)
+    class_files = [class_file] if class_file else find_class_files(raw_root)
+    builtin = ClassList.from_names(ADE20K_150)
+    classes = read_object_info(class_files, builtin) if class_files else builtin
     ignore = ignore_for(len(classes))
     lut = np.concatenate([[ignore], np.arange(len(classes))])
     items = [Item(p.stem, p, label_dir / f"{p.stem}.png") for p in sorted(image_dir.glob("*.jpg"))]
@@ -70,7 +74,7 @@ def prepare_ade150(raw_root: Path, out_root: Path, split: str, *, name: str,
         return apply_lut(read_index_label(item.label), lut, item.label, f"0..{len(classes)}, 0 unlabeled")
 
     source = dict(reader="ade20k-150", layout=ADE150_LAYOUT, split=sdir, raw_root=relative(raw_root, out_root),
-                  class_file=relative(class_file, out_root) if class_file else None)
+                  class_files=[relative(p, out_root) for p in class_files])
     return write_prepared(out_root, name, classes, train_vocabulary, items, make_label, source)
 
 
@@ -135,5 +139,6 @@ def prepare_ade847(raw_root: Path, out_root: Path, split: str, *, name: str,
     source = dict(reader="ade20k-847", layout=ADE847_D2_LAYOUT if layout == "detectron2" else ADE847_RAW_LAYOUT,
                   split=sdir, raw_root=relative(raw_root, out_root),
                   class_file=relative(class_file, out_root) if class_file else None,
-                  raw_ids=[raw for raw, _ in categories])
+                  raw_ids=[raw for raw, _ in categories],
+                  resolution=RESOLUTION[layout])
     return write_prepared(out_root, name, classes, train_vocabulary, items, make_label, source)

@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import DataError, read_text_file
-
-# COCO-Stuff marks merged or catch-all classes with these suffixes ("wall-other", "tree-merged", "desk-stuff").
-_COCO_SUFFIXES = ("-other", "-merged", "-stuff")
+from .concepts import SeenMatch, seen_split
 
 
 @dataclass(frozen=True)
@@ -30,12 +28,10 @@ class ClassList:
     def __len__(self) -> int:
         return len(self.synonyms)
 
-    def seen(self, train_vocabulary: Sequence[str] | None) -> list[bool]:
-        """A class is seen when any synonym is in the training vocabulary; without one (a training set) all are."""
-        if train_vocabulary is None:
-            return [True] * len(self)
-        vocab = {normalise_name(v) for v in train_vocabulary}
-        return [any(normalise_name(s) in vocab for s in syns) for syns in self.synonyms]
+    def seen_split(self, train_vocabulary: Sequence[str] | None) -> list[SeenMatch]:
+        """Which classes the training vocabulary holds, by concept (`concepts`); without one (a training set)
+        every class is seen."""
+        return seen_split(self.synonyms, train_vocabulary)
 
 
 def split_synonyms(name: str, separator: str | None = ",") -> tuple[str, ...]:
@@ -46,42 +42,91 @@ def split_synonyms(name: str, separator: str | None = ",") -> tuple[str, ...]:
     return syns
 
 
-def normalise_name(name: str) -> str:
-    """Case-insensitive, with underscores as spaces and COCO-Stuff suffixes dropped ("Wall-Other" → "wall")."""
-    name = name.strip().lower().replace("_", " ")
-    stripped = True
-    while stripped:
-        stripped = False
-        for suffix in _COCO_SUFFIXES:
-            if name.endswith(suffix) and len(name) > len(suffix):
-                name, stripped = name[: -len(suffix)].strip(), True
-    return name
+# ---------------------------------------------------------------- ADE objectInfo files
+
+_OBJECT_INFO_NAME = re.compile(r"objectInfo(\d+)$")
 
 
-def read_object_info(path: Path) -> ClassList:
-    """ADE's class file: `objectInfo{K}.csv` (comma-separated, synonyms split by ';') or the challenge's
-    `objectInfo150.txt` (tab-separated, synonyms split by ', '). Columns Idx,Ratio,Train,Val,Name; Idx = 1..K."""
+@dataclass(frozen=True)
+class _ObjectInfoRows:
+    path: Path
+    tabbed: bool  # the challenge's objectInfo{K}.txt; else the sceneparsing repository's objectInfo{K}.csv
+    names: list[str]  # the Name column, row k = label value k+1
+    lines: list[int]  # the line of each row
+
+
+def _read_object_info_rows(path: Path) -> _ObjectInfoRows:
+    """Rows of an ADE class file, checked: columns Idx and Name, Idx = 1..K in order, K as in the file name."""
     text = read_text_file(path, "class file")
-    header = text.splitlines()[0] if text.strip() else ""
-    delimiter, separator = ("\t", ",") if "\t" in header else (",", ";")
-    rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
-    fields = [f.strip() for f in (rows[0].keys() if rows else header.split(delimiter))]
+    lines = text.splitlines()
+    header = lines[0] if lines else ""
+    tabbed = "\t" in header
+    rows = list(csv.reader(lines, delimiter="\t" if tabbed else ","))
+    fields = [f.strip() for f in (rows[0] if rows else [])]
     if "Idx" not in fields or "Name" not in fields:
         raise DataError(path, f"class file needs columns Idx and Name (ADE objectInfo layout), found {fields}")
-    synonyms = []
-    for line, row in enumerate(rows, start=2):
-        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-        if row.get("Idx") != str(line - 1):
-            raise DataError(path, f"line {line}: Idx {row.get('Idx')!r}, expected {line - 1} "
+    idx_col, name_col = fields.index("Idx"), fields.index("Name")
+    names: list[str] = []
+    numbers: list[int] = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        cells = [cell.strip() for cell in row] + [""] * len(fields)
+        if cells[idx_col] != str(len(names) + 1):
+            raise DataError(path, f"line {line}: Idx {cells[idx_col]!r}, expected {len(names) + 1} "
                                   "(rows must be 1..K in order)")
-        try:
-            synonyms.append(split_synonyms(row["Name"], separator))
-        except ValueError:
-            raise DataError(path, f"line {line}: empty class name") from None
-    if not synonyms:
+        if not cells[name_col].strip(" ,;"):
+            raise DataError(path, f"line {line}: empty class name")
+        names.append(cells[name_col])
+        numbers.append(line)
+    if not names:
         raise DataError(path, "class file lists no classes")
-    return ClassList(tuple(synonyms))
+    declared = _OBJECT_INFO_NAME.match(path.stem)
+    if declared and int(declared.group(1)) != len(names):
+        raise DataError(path, f"class file lists {len(names)} classes but its name says {declared.group(1)}")
+    return _ObjectInfoRows(path, tabbed, names, numbers)
 
+
+def _csv_words(synonyms: Sequence[str]) -> list[str]:
+    """How objectInfo{K}.csv writes a class: every word of every synonym joined by ';'."""
+    return [w.lower() for s in synonyms for w in s.split()]
+
+
+def read_object_info(paths: Sequence[Path], builtin: ClassList) -> ClassList:
+    """The classes of ADE class files of one list, each checked against the reference list.
+
+    `objectInfo{K}.txt` (the challenge release: tab-separated, synonyms split by ', ') names classes
+    unambiguously. `objectInfo{K}.csv` (the sceneparsing repository) joins the words of a name and the
+    synonyms alike with ';' ("chest;of;drawers;chest;bureau;dresser"), so it can only be checked against a
+    reference, never read alone. The reference is `builtin` when it has K classes (the official 150),
+    else the .txt. Columns Idx,Ratio,Train,Val[,Stuff],Name; Idx = label value 1..K."""
+    files = [_read_object_info_rows(Path(p)) for p in paths]
+    sizes = {len(f.names) for f in files}
+    if len(sizes) > 1:
+        raise DataError(files[0].path, f"class files {[str(f.path) for f in files]} list different numbers "
+                                       "of classes")
+    size = sizes.pop()
+    texts = [f for f in files if f.tabbed]
+    if len(builtin) == size:
+        reference, what = builtin, f"the official {size}-class list"
+    elif texts:
+        reference, what = ClassList.from_names(texts[0].names), str(texts[0].path)
+    else:
+        raise DataError(files[0].path, f"an objectInfo .csv joins words and synonyms alike with ';', so its "
+                                       f"{size} class names need the matching objectInfo{size}.txt beside it")
+    for f in files:
+        for k, (raw, line, expected) in enumerate(zip(f.names, f.lines, reference.synonyms)):
+            if f.tabbed:
+                ok = [s.lower() for s in split_synonyms(raw)] == [s.lower() for s in expected]
+            else:
+                ok = [w.strip().lower() for w in raw.split(";") if w.strip()] == _csv_words(expected)
+            if not ok:
+                raise DataError(f.path, f"line {line}: {raw!r} is not class {k + 1} of {what} "
+                                        f"({', '.join(expected)!r})")
+    return reference
+
+
+# ---------------------------------------------------------------- Pascal Context label lists
 
 _NUMBERED = re.compile(r"^\s*(\d+)\s*:\s*(.+?)\s*$")
 

@@ -5,7 +5,9 @@ never-annotated thing ids are dropped, leaving 171 contiguous classes. Images `<
 JSON: `<root>/annotations/stuff_{split}2017.json` and `instances_{split}2017.json` (category id = PNG value + 1).
 The class list is the JSON's own categories sorted by id, so a JSON that holds only some categories (the
 embedded world's seen classes) gives exactly those. Stuff is painted first, things on top; the stuff file's
-catch-all "other" category and unannotated pixels are ignore.
+catch-all "other" category and unannotated pixels are ignore. Crowd annotations (`iscrowd` 1) are not painted,
+as in the official conversion to label maps (cocostuffapi's `cocoSegmentationToPng`, `includeCrowd=False`):
+a crowd region keeps what the stuff file says there (usually "other", so ignore).
 """
 from __future__ import annotations
 
@@ -126,6 +128,8 @@ def prepare_json(raw_root: Path, out_root: Path, split: str, *, name: str,
         for path, coco in indexes:
             coco.imgs.setdefault(iid, img)  # annToMask reads the size from the file's own image entry
             for ann in coco.imgToAnns.get(iid, []):
+                if ann.get("iscrowd"):
+                    continue
                 try:
                     mask = coco.annToMask(ann).astype(bool)
                 except Exception as e:  # pycocotools raises bare Exception/TypeError for malformed masks
@@ -138,5 +142,5 @@ def prepare_json(raw_root: Path, out_root: Path, split: str, *, name: str,
 
     caps = read_captions(ann_dir / f"captions_{sdir}.json").by_image if captions else None
     source = dict(reader="coco-stuff-json", layout=JSON_LAYOUT, split=sdir, raw_root=relative(raw_root, out_root),
-                  category_ids=ids)
+                  category_ids=ids, crowd="not painted (as cocostuffapi's includeCrowd=False)")
     return write_prepared(out_root, name, classes, train_vocabulary, items, make_label, source, caps)

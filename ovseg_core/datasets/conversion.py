@@ -139,7 +139,9 @@ def write_prepared(
     ignore = ignore_for(len(classes))
     out_root = Path(out_root)
     source = dict(source, synonyms=[list(s) for s in classes.synonyms])
-    with PreparedWriter(out_root, name, classes.names, classes.seen(train_vocabulary), ignore, source) as writer:
+    split = classes.seen_split(train_vocabulary)
+    with PreparedWriter(out_root, name, classes.names, [m.seen for m in split], ignore, source,
+                        [m.row(c) for c, m in zip(classes.names, split)]) as writer:
         for item in track(items, len(items), f"prepare {name}"):
             size = probe_image(item.image)
             if isinstance(size, str):

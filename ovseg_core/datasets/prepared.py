@@ -3,12 +3,15 @@
 Layout of one prepared dataset directory::
 
     <root>/dataset.json     name, classes, seen flags, ignore label, samples, source, skipped count
+    <root>/seen.csv         the seen/unseen split and its basis: class, seen, train_class, rule
     <root>/labels/<id>.png  label map: uint8 PNG when ignore is 255, uint16 PNG when ignore is 65535
     <root>/captions.json    optional: {image id: [caption, ...]}
 
 Images are not copied (a real COCO is 19 GB): each sample stores the image path relative to
 `<root>`, pointing into the raw dataset. Class ids are 0..K-1; every other value is `ignore_label`.
-A class is *seen* when the proposal network's training vocabulary contains its name.
+A class is *seen* when the proposal network's training vocabulary holds its concept (`concepts`); seen.csv
+names, for each class, the training class it matched and by which rule, so that seen / unseen scores can
+be checked.
 """
 from __future__ import annotations
 
@@ -17,15 +20,16 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, write_csv
 from ..errors import DataError
 
 DATASET_FILE = "dataset.json"
+SEEN_FILE = "seen.csv"
 CAPTIONS_FILE = "captions.json"
 
 
@@ -117,7 +121,7 @@ class PreparedWriter:
 
     Usage::
 
-        with PreparedWriter(root, name, classes, seen, ignore_label, source) as w:
+        with PreparedWriter(root, name, classes, seen, ignore_label, source, seen_basis) as w:
             w.add(sample_id, image_path, label_array)
             w.skip(path, reason)          # a corrupt image, reported in dataset.json
             w.set_captions({...})
@@ -131,9 +135,12 @@ class PreparedWriter:
         seen: list[bool],
         ignore_label: int,
         source: dict[str, Any] | None = None,
+        seen_basis: Sequence[Mapping[str, Any]] | None = None,  # per class: why seen or not (seen.csv rows)
     ):
         if len(classes) != len(seen):
             raise ValueError("classes and seen flags differ in length")
+        if seen_basis is not None and [r["seen"] for r in seen_basis] != [bool(s) for s in seen]:
+            raise ValueError("seen_basis disagrees with the seen flags")
         if ignore_label not in (255, 65535):
             raise ValueError("ignore_label must be 255 or 65535")
         if ignore_label == 255 and len(classes) > 255:
@@ -141,6 +148,7 @@ class PreparedWriter:
         self.root = Path(root)
         self.meta = dict(name=name, classes=list(classes), seen=[bool(s) for s in seen],
                          ignore_label=ignore_label, source=source or {})
+        self.seen_basis = list(seen_basis or [])
         self.samples: list[Sample] = []
         self.skipped: list[dict[str, str]] = []
         self.captions: dict[str, list[str]] | None = None
@@ -182,6 +190,8 @@ class PreparedWriter:
         if exc_type is None:
             meta = dict(self.meta, samples=[asdict(s) for s in self.samples], skipped=self.skipped)
             (self.tmp / DATASET_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+            if self.seen_basis:
+                write_csv(self.tmp / SEEN_FILE, self.seen_basis)
             if self.captions is not None:
                 (self.tmp / CAPTIONS_FILE).write_text(json.dumps(self.captions, indent=1, sort_keys=True) + "\n")
         return self._ctx.__exit__(exc_type, exc, tb)

@@ -34,7 +34,8 @@ _SPECS = (
     DatasetSpec("ade20k-847", ade.prepare_ade847,
                 f"ADE20K-Full 847 classes: {ade.ADE847_D2_LAYOUT}; or {ade.ADE847_RAW_LAYOUT}", {"layout": "auto"}),
     DatasetSpec("pascal-context-59", pascal_context.prepare_pc59,
-                f"Pascal Context 59: {pascal_context.RAW_LAYOUT}; or {pascal_context.D2_LAYOUT}", {"layout": "auto"}),
+                f"Pascal Context 59: {pascal_context.RAW_LAYOUT}; or {pascal_context.D2_LAYOUT} (option id_order: "
+                f"ovseg or catseg, the id order of detectron2 PC-59 files)", {"layout": "auto", "id_order": None}),
     DatasetSpec("pascal-context-459", pascal_context.prepare_pc459,
                 f"Pascal Context 459: {pascal_context.RAW_LAYOUT}; or {pascal_context.D2_LAYOUT}", {"layout": "auto"}),
     DatasetSpec("voc-20", voc.prepare_voc20, f"Pascal VOC 2012, 20 classes: {voc.LAYOUT}"),
@@ -54,11 +55,13 @@ def prepare_dataset(
 ) -> PreparedDataset:
     """Convert the official layout under `raw_root` into a prepared dataset at `out_root` (replaced atomically).
 
-    `train_vocabulary`: the proposal network's training class names, for the seen flags of an evaluation set;
-    leave it out for a training set (all its classes are seen). `class_file`: a dataset-specific class list
-    that replaces the built-in one (ADE objectInfo CSV/TXT, Pascal labels.txt / 59_labels.txt, ADE-847 JSON
-    mapping). `options`: the reader options listed in DATASETS[name].options. `dataset_name`: the name recorded
-    in dataset.json (default: the reader's name), e.g. "world-eval" for an ADE-layout set.
+    `train_vocabulary`: the proposal network's training class names, for the seen flags of an evaluation set
+    (matched by concept, see `concepts`); leave it out for a training set (all its classes are seen).
+    `class_file`: the data set's official class file where it is not in the dataset directory (ADE
+    objectInfo .txt/.csv, Pascal labels.txt / 59_labels.txt), checked against the built-in list; or an ADE-847
+    JSON mapping, which replaces it. `options`: the reader options listed in DATASETS[name].options.
+    `dataset_name`: the name recorded in dataset.json (default: the reader's name), e.g. "world-eval" for an
+    ADE-layout set.
     """
     spec = DATASETS.get(name)
     if spec is None:

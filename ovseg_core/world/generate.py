@@ -8,7 +8,7 @@ Layout under the output directory::
     coco/annotations/stuff_train2017.json                         seen stuff, RLE
     coco/annotations/captions_train2017.json                      captions naming seen and unseen nouns
     eval/<set>/ADEChallengeData2016/{images,annotations}/validation/ADE_val_{i:08d}.{jpg,png}
-    eval/<set>/ADEChallengeData2016/objectInfo{K}.csv             all classes, label = row index
+    eval/<set>/ADEChallengeData2016/objectInfo{K}.{txt,csv}       all classes, label = Idx (ADE's two formats)
     pos_tagged_captions.txt                                       word/TAG captions (web, then coco)
     world.json                                                    manifest
 
@@ -141,7 +141,7 @@ def _write_eval(root: Path, cfg: WorldConfig, name: str, coco_presence: np.ndarr
             pixels += counts
             present += counts[1:] > 0
             bar.update()
-    write_object_info(ade / f"objectInfo{k}.csv", pixels[1:] / max(1, pixels.sum()), coco_presence, present)
+    write_object_info(ade, pixels[1:] / max(1, pixels.sum()), coco_presence, present)
     return {"images": n, "image_size": cfg.eval_size(name), "classes_present": int((present > 0).sum())}
 
 
@@ -196,7 +196,7 @@ def manifest(cfg: WorldConfig, seen: list[bool], counts: dict[str, Any]) -> dict
             "coco_stuff": "coco/annotations/stuff_train2017.json",
             "coco_captions": "coco/annotations/captions_train2017.json",
             "eval": {name: f"eval/{name}/{ADE_DIR}" for name in cfg.eval_sets},
-            "class_file": f"objectInfo{len(CLASSES)}.csv",
+            "class_files": [f"objectInfo{len(CLASSES)}.txt", f"objectInfo{len(CLASSES)}.csv"],
             "pos_tagged_captions": TAGGED_CAPTIONS,
         },
     }

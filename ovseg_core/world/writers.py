@@ -1,5 +1,5 @@
 """Writers for the official file formats: COCO instances/stuff/captions JSON, ADEChallengeData2016
-label PNGs with an objectInfo class file, and NLTK-readable tagged captions."""
+label PNGs with ADE's objectInfo class files, and NLTK-readable tagged captions."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ..atomic import atomic_file, write_json
+from ..atomic import atomic_file, write_json, write_text
 from .spec import CLASSES, coco_category_id
 
 ADE_DIR = "ADEChallengeData2016"
@@ -88,17 +88,26 @@ def write_coco_json(path: Path, description: str, images: list[dict], annotation
     write_json(path, obj, indent=None)
 
 
-def write_object_info(path: Path, ratios: Sequence[float], train: Sequence[int], val: Sequence[int]) -> None:
-    """ADE's objectInfo150.csv format: Idx,Ratio,Train,Val,Name (Name holds ';'-separated synonyms).
+def write_object_info(ade_dir: Path, ratios: Sequence[float], train: Sequence[int], val: Sequence[int]) -> None:
+    """ADE's two class files for the world's classes, in the official formats (columns Idx,Ratio,Train,Val,Name;
+    Idx is the label value, Ratio the class's pixel fraction in this set, Train/Val the numbers of training
+    (coco split) and validation images that contain it):
 
-    Idx is the label value, Ratio the class's pixel fraction in this set, Train/Val the numbers of
-    training (coco split) and validation images that contain the class."""
-    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+    - `objectInfo{K}.txt`, as the challenge ships objectInfo150.txt: tab-separated, synonyms split by ', ';
+    - `objectInfo{K}.csv`, as the sceneparsing repository's objectInfo150.csv: comma-separated, with ';'
+      between synonyms *and* between the words of a name ("wall;brick;wall").
+    """
+    k = len(CLASSES)
+    rows = [(i + 1, f"{ratios[i]:.4f}", int(train[i]), int(val[i]), (spec.name,) + spec.synonyms)
+            for i, spec in enumerate(CLASSES)]
+    txt, table = ade_dir / f"objectInfo{k}.txt", ade_dir / f"objectInfo{k}.csv"
+    write_text(txt, "".join(f"{i}\t{r}\t{t}\t{v}\t{', '.join(names)}\n"
+                            for i, r, t, v, names in [("Idx", "Ratio", "Train", "Val", ("Name",)), *rows]))
+    with atomic_file(table) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["Idx", "Ratio", "Train", "Val", "Name"])
-        for i, spec in enumerate(CLASSES):
-            names = (spec.name,) + spec.synonyms
-            w.writerow([i + 1, f"{ratios[i]:.6f}", int(train[i]), int(val[i]), ";".join(names)])
+        for i, r, t, v, names in rows:
+            w.writerow([i, r, t, v, ";".join(word for name in names for word in name.split())])
 
 
 def tagged_line(tokens: Sequence[tuple[str, str]]) -> str:
