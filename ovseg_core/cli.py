@@ -152,7 +152,7 @@ def add_segment(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (the GPU when one is visible, else the CPU), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto: bf16 on a GPU, fp32 on the CPU (default auto)")
+                   help="auto: bf16 where the device computes it natively (GPUs, AVX512-BF16 CPUs), else fp32 (default auto)")
     p.set_defaults(handler=run_segment, parser=p)
 
 

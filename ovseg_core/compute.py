@@ -7,9 +7,10 @@ it to on the machine it runs on:
 
 - device `auto` takes the GPU when one is visible, else the CPU; `cuda` without a visible GPU is an
   error that says so (never a silent CPU run of a GPU recipe);
-- precision `auto` is bf16 on a GPU that supports it, fp32 otherwise. bf16 means autocast around
-  forward passes and losses (parameters, gradients and optimizer state stay fp32: FT's lr 5e-6 would
-  vanish in bf16 weights); CPU autocast supports bf16 too, which is how the bf16 logic is tested here;
+- precision `auto` is bf16 where the device computes bf16 natively (a GPU from Ampere on; a CPU with
+  AVX512-BF16 or AMX), fp32 otherwise. bf16 means autocast around forward passes (parameters,
+  gradients and optimizer state stay fp32: FT's lr 5e-6 would vanish in bf16 weights; losses are
+  computed in fp32);
 - processes: DDP ranks per node for the training stages (`ovseg_core.distributed.launch`), worker
   processes for the units of mining, evaluation and the sweep; on CUDA each process takes one GPU;
 - loader_workers: DataLoader processes decoding and preparing batches beside each compute process;
@@ -124,12 +125,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: a GPU with bf16 support (Ampere and newer), or a CPU with
+    AVX512-BF16 or AMX instructions (where oneDNN's bf16 kernels beat fp32: measured 1.3-2.3x here)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` → bf16 on a GPU with bf16 support, fp32 otherwise; bf16 on a GPU without it is a ComputeError."""
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """`auto` → bf16 where the device computes in bf16 natively (`native_bf16`), fp32 otherwise; bf16 on a
+    GPU without bf16 support is a ComputeError (a CPU without it only runs bf16 slowly)."""
     if name == "auto":
-        return "bf16" if cuda_bf16 else "fp32"
-    if name == "bf16" and device.type == "cuda" and not cuda_bf16:
+        return "bf16" if native_bf16(device) else "fp32"
+    if name == "bf16" and device.type == "cuda" and not native_bf16(device):
         raise ComputeError(f"compute.precision bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
                            "use fp32")
     return name

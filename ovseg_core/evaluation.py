@@ -26,6 +26,7 @@ from .clip.adapted import AdaptedClip
 from .clip.text import VILD_TEMPLATES, text_features
 from .compute import CPU_FP32, Placement
 from .datasets.prepared import PreparedDataset
+from .loading import data_loader
 from .inference import ClipBranch, ClipScores, Proposals, classify_proposals, combine_scores, proposals, semantic_map
 from .maskformer.model import OpenVocabMaskFormer
 from .metrics import ConfusionMatrix, SegmentationMetrics
@@ -93,8 +94,7 @@ def _unchanged(item: tuple[int, np.ndarray, np.ndarray]) -> tuple[int, np.ndarra
 def labelled_images(dataset: PreparedDataset, indices: Sequence[int], workers: int
                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(index, image, ground truth) in index order, decoded ahead by `workers` DataLoader processes."""
-    yield from torch.utils.data.DataLoader(LabelledImages(dataset, indices), batch_size=None, num_workers=workers,
-                                           collate_fn=_unchanged)
+    yield from data_loader(LabelledImages(dataset, indices), workers, batch_size=None, collate_fn=_unchanged)
 
 
 def label_map(props: Proposals, clip: ClipScores | None, lam: float, seen: Tensor | None = None) -> Tensor:

@@ -18,6 +18,7 @@ depend on the batch sizes or worker counts beyond float rounding.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
@@ -33,6 +34,7 @@ from .compute import CPU_FP32, Placement
 from .crops import MaskedCrops, masked_crops
 from .datasets.prepared import PreparedDataset
 from .inference import batch_proposals
+from .loading import data_loader
 from .maskformer.model import OpenVocabMaskFormer
 from .matching import match_nouns_to_proposals
 from .nouns import NounConfig, NounExtractor
@@ -94,18 +96,17 @@ class MiningInput:
 
 
 class MiningImages(torch.utils.data.Dataset):
-    """Item k: `MiningInput` of image `indices[k]` (the CPU work of mining, done in loader workers)."""
+    """Item i: `MiningInput` of image i (the CPU work of mining, done in loader workers)."""
 
-    def __init__(self, cfg: MiningConfig, dataset: PreparedDataset, indices: Sequence[int],
-                 nouns: NounExtractor | None, captions: Mapping[str, list[str]]):
-        self.cfg, self.dataset, self.indices = cfg, dataset, list(indices)
+    def __init__(self, cfg: MiningConfig, dataset: PreparedDataset, nouns: NounExtractor | None,
+                 captions: Mapping[str, list[str]]):
+        self.cfg, self.dataset = cfg, dataset
         self.nouns, self.captions = nouns, captions
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.dataset)
 
-    def __getitem__(self, k: int) -> MiningInput:
-        i = self.indices[k]
+    def __getitem__(self, i: int) -> MiningInput:
         sample = self.dataset.samples[i]
         image = torch.from_numpy(np.ascontiguousarray(self.dataset.load_image(i))).permute(2, 0, 1)
         label = torch.from_numpy(self.dataset.load_label(i)) if self.cfg.masks == "gt" else None
@@ -117,6 +118,19 @@ class MiningImages(torch.utils.data.Dataset):
                     found.setdefault(noun, caption)
             categories = list(found.items())
         return MiningInput(i, sample.id, image, label, categories)
+
+
+class _Indices(torch.utils.data.Sampler[int]):
+    """The image indices of the current call (the loader's workers persist across calls)."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class Miner:
@@ -137,6 +151,7 @@ class Miner:
         self.text = TextFeatureCache(clip)
         self.nouns = NounExtractor(NounConfig.from_dict(cfg.nouns)) if cfg.categories == "nouns" else None
         self.captions = dataset.captions() if cfg.categories == "nouns" else {}
+        self._loaders = threading.local()
 
     @property
     def num_units(self) -> int:
@@ -146,10 +161,17 @@ class Miner:
         return self.cfg.unit_images(unit, len(self.dataset))
 
     def inputs(self, indices: Sequence[int]) -> Iterator[list[MiningInput]]:
-        """Batches of `batch_images` decoded images, in index order, prepared by the loader workers."""
-        images = MiningImages(self.cfg, self.dataset, indices, self.nouns, self.captions)
-        yield from torch.utils.data.DataLoader(images, batch_size=self.cfg.batch_images, collate_fn=list,
-                                               num_workers=self.loader_workers)
+        """Batches of `batch_images` decoded images, in index order, prepared by the loader workers (which
+        live as long as the miner: each thread keeps its own loader, re-pointed at every call's images)."""
+        loader = getattr(self._loaders, "loader", None)
+        if loader is None:
+            images = MiningImages(self.cfg, self.dataset, self.nouns, self.captions)
+            self._loaders.sampler = _Indices()
+            loader = data_loader(images, self.loader_workers, batch_size=self.cfg.batch_images, collate_fn=list,
+                                 sampler=self._loaders.sampler, persistent_workers=self.loader_workers > 0)
+            self._loaders.loader = loader
+        self._loaders.sampler.indices = list(indices)
+        yield from loader
 
     def _masks(self, items: list[MiningInput]) -> list[tuple[torch.Tensor, list[str] | None]]:
         """Per image: masks [N, H, W] on the device (probabilities, or bool for GT segments) and, for GT

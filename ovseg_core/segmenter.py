@@ -256,7 +256,7 @@ class Segmenter:
              lam: float = DEFAULT_LAM, threshold: float = DEFAULT_THRESHOLD, device: str = "auto",
              precision: str = "auto") -> "Segmenter":
         """Load the models once (see `locate_models` for which files) onto `device` (auto: the GPU when one
-        is visible), to run in `precision` (auto: bf16 on a GPU, fp32 on the CPU)."""
+        is visible), to run in `precision` (auto: bf16 where the device computes it natively, else fp32)."""
         placement = ComputeConfig(device=device, precision=precision).placement()
         files = locate_models(run_dir, maskformer=maskformer, clip=clip, clip_arch=clip_arch,
                               clip_variant=clip_variant)

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch.utils.data
 import webdataset as wds
@@ -316,10 +317,9 @@ _INDEX_SCHEMA = pa.schema([
 ])
 
 
-def _dataset_card(rows: list[dict[str, Any]], stats: list[dict[str, Any]],
+def _dataset_card(nouns: Counter[str], images: int, stats: list[dict[str, Any]],
                   params: Mapping[str, Any], code_version: str, top_k: int) -> str:
-    nouns = Counter(r["noun"] for r in rows)
-    images = len({r["image_id"] for r in rows})
+    pairs = sum(nouns.values())
     total_bytes = sum(s["bytes"] for s in stats)
     units = [s["unit"] for s in stats]
     if units == list(range(units[0], units[-1] + 1)):
@@ -337,7 +337,7 @@ def _dataset_card(rows: list[dict[str, Any]], stats: list[dict[str, Any]],
         "diverse vocabulary.",
         "",
         "| | |", "|---|---|",
-        f"| pairs | {len(rows)} |",
+        f"| pairs | {pairs} |",
         f"| images | {images} |",
         f"| unique nouns | {len(nouns)} |",
         f"| nouns seen once | {sum(1 for c in nouns.values() if c == 1)} |",
@@ -382,7 +382,7 @@ def _dataset_card(rows: list[dict[str, Any]], stats: list[dict[str, Any]],
         "",
         "```",
         f"python -m open_clip_train.main --dataset-type webdataset --train-data '{pattern}' \\",
-        f"    --train-num-samples {len(rows)} ...",
+        f"    --train-num-samples {pairs} ...",
         "```",
         "",
         f"## Top {min(top_k, len(nouns))} nouns",
@@ -390,7 +390,7 @@ def _dataset_card(rows: list[dict[str, Any]], stats: list[dict[str, Any]],
         "| rank | noun | pairs | share |", "|---:|---|---:|---:|",
     ]
     for rank, (noun, count) in enumerate(sorted(nouns.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k], 1):
-        lines.append(f"| {rank} | {noun} | {count} | {count / len(rows):.2%} |")
+        lines.append(f"| {rank} | {noun} | {count} | {count / pairs:.2%} |")
     lines += ["", "## Shards", "", "| shard | pairs | bytes | sha256 |", "|---|---:|---:|---|"]
     lines += [f"| {s['shard']} | {s['count']} | {s['bytes']} | `{s['sha256']}` |" for s in stats]
     return "\n".join(lines) + "\n"
@@ -423,30 +423,40 @@ def finalize_dataset(out_dir: str | Path, params: Mapping[str, Any], code_versio
         if missing:
             raise DataError(out_dir, f"{len(missing)} of {expected_units} units are not complete, e.g. {missing[:10]}")
 
-    rows: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
-    for s in stats:
-        shard_rows = _scan_shard(out_dir / s["shard"])
-        if len(shard_rows) != s["count"]:
-            raise DataError(out_dir / s["shard"], f"holds {len(shard_rows)} pairs, stats say {s['count']}")
-        for r in shard_rows:
-            if r["key"] in seen:
-                raise DataError(out_dir / s["shard"], f"pair key {r['key']} also in {seen[r['key']]}")
-            seen[r["key"]] = s["shard"]
-        rows.extend(shard_rows)
-
-    write_json(out_dir / SIZES_FILE, {s["shard"]: s["count"] for s in stats})
-    table = pa.Table.from_pylist(rows, schema=_INDEX_SCHEMA)
+    # Shard by shard: the index is written one row group per shard and the card's counts are kept as totals,
+    # so memory holds one shard's rows (and the set of image ids), not the whole data set's.
+    nouns: Counter[str] = Counter()
+    images: set[str] = set()
     with atomic_file(out_dir / INDEX_FILE) as tmp:
-        pq.write_table(table, tmp)
-    write_text(out_dir / CARD_FILE, _dataset_card(rows, stats, params, code_version, top_k))
+        with pq.ParquetWriter(tmp, _INDEX_SCHEMA) as index:
+            for s in stats:
+                rows = _scan_shard(out_dir / s["shard"])
+                if len(rows) != s["count"]:
+                    raise DataError(out_dir / s["shard"], f"holds {len(rows)} pairs, stats say {s['count']}")
+                index.write_table(pa.Table.from_pylist(rows, schema=_INDEX_SCHEMA))
+                nouns.update(r["noun"] for r in rows)
+                images.update(r["image_id"] for r in rows)
+        _check_unique_keys(tmp, out_dir)
+    write_json(out_dir / SIZES_FILE, {s["shard"]: s["count"] for s in stats})
+    write_text(out_dir / CARD_FILE, _dataset_card(nouns, len(images), stats, params, code_version, top_k))
     return {
-        "pairs": len(rows),
+        "pairs": sum(nouns.values()),
         "shards": len(stats),
-        "images": len({r["image_id"] for r in rows}),
-        "unique_nouns": len({r["noun"] for r in rows}),
+        "images": len(images),
+        "unique_nouns": len(nouns),
         "bytes": sum(s["bytes"] for s in stats),
     }
+
+
+def _check_unique_keys(index: Path, out_dir: Path) -> None:
+    """Every pair key once in the whole set (read back from the index: two Arrow string columns)."""
+    table = pq.read_table(index, columns=["key", "shard"])
+    counts = pc.value_counts(table.column("key"))
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        key = repeated.field("values")[0].as_py()
+        shards = pc.filter(table.column("shard"), pc.equal(table.column("key"), key)).to_pylist()
+        raise DataError(out_dir / shards[-1], f"pair key {key} also in {shards[0]}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ unseen list). Wall time counts training only, not the probes.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time

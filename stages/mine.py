@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -85,19 +86,26 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
-    variant, settings = ctx.variant_params("mine")
+def mining_spec(ctx: StageContext) -> dict[str, Any]:
+    """Everything a unit worker needs to build the miner (JSON: it travels to worker processes)."""
+    _, settings = ctx.variant_params("mine")
     paths = ctx.section("mine")
-    compute = ctx.compute
-    spec = {
+    return {
         "mining": settings,
         "dataset": paths["dataset"],
         "clip_arch": paths["clip_arch"],
         "clip": paths["clip"],
         "proposal_net": paths["proposal_net"],
-        "compute": dataclasses.asdict(compute),
+        "compute": dataclasses.asdict(ctx.compute),
         "torch_threads": ctx.unit_threads(),
     }
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    variant, settings = ctx.variant_params("mine")
+    paths = ctx.section("mine")
+    compute = ctx.compute
+    spec = mining_spec(ctx)
     fp = fingerprint(spec, compute.placement().precision)
     work = resumable_dir(Path(paths["work"]) / variant, fp)
     out = Path(paths["out"]) / variant
@@ -114,13 +122,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.map(functools.partial(mine_unit, spec_json, str(work)), todo, desc=f"mine {variant} units")
     mine_s = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         for unit in range(num_units):
             for name in (shard_name(unit), stats_name(unit)):
                 link_or_copy(work / name, tmp / name)
         summary = finalize_dataset(tmp, {"variant": variant, **settings, "fingerprint": fp},
                                    code_version(), expected_units=num_units)
-    nouns = set(pq.read_table(out / INDEX_FILE, columns=["noun"]).column("noun").to_pylist())
+    finalize_s = time.perf_counter() - t0
+    nouns = set(pc.unique(pq.read_table(out / INDEX_FILE, columns=["noun"]).column("noun")).to_pylist())
     vocabulary = set(dataset.classes)
     summary["nouns_outside_training_vocabulary"] = len(nouns - vocabulary)
     summary["training_classes_mined"] = len(nouns & vocabulary)
@@ -128,6 +138,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     mined_images = sum(len(cfg.unit_images(u, len(dataset))) for u in todo)
     # throughput of the work done in this run only (resumed units excluded)
     metrics["images_per_s"] = round(mined_images / mine_s, 2) if mined_images else None
+    metrics["finalize_s"] = round(finalize_s, 1)
     write_json(Path(paths["metrics"]) / f"{variant}.json", metrics)
     rows = [{"key": k, "value": v} for k, v in summary.items() if isinstance(v, (int, float, str))]
     ctx.publish_table("card", rows, f"Mined pairs ({variant}); dataset card: {out}/README.md")

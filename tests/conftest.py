@@ -224,6 +224,16 @@ def trained_run(tmp_path_factory) -> Path:
     return work
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` are skipped, with the reason, on machines without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marker gpu: no CUDA device is visible here; run `pytest -m gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Send Prefect's queued logs and stop its temporary API server (if a test started one) now, while
     pytest's captured stderr, to which Prefect's console log handler writes, is still open; at

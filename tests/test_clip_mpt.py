@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ovseg_core.clip.models import load_clip
-from ovseg_core.clip.mpt import MaskPrompts, encode_masked, load_prompts, patch_mask, save_prompts
+from ovseg_core.clip.mpt import MaskPromptedViT, MaskPrompts, encode_masked, load_prompts, patch_mask, save_prompts
 from ovseg_core.errors import DataError
 
 torch.set_num_threads(1)
@@ -137,3 +137,22 @@ def test_prompts_save_load_apart_from_clip_and_fit_another_clip(bundle, tmp_path
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(DataError, match="junk.pt"):
         load_prompts(tmp_path / "junk.pt")
+
+
+def test_training_forward_equals_open_clips_blocks_with_the_same_gradients(bundle):
+    """With gradients on, the prompted ViT runs its blocks through `_frozen_block` (a faster route around a
+    torch matmul path for frozen weights): same features and prompt gradients as open_clip's own blocks."""
+    images, masks = images_and_masks()
+    prompts = MaskPrompts.for_visual(bundle.model.visual, 3, init_std=0.5)
+    results = []
+    for use_open_clip in (False, True):
+        prompts.zero_grad()
+        vit = MaskPromptedViT(bundle.model.visual, prompts)
+        if use_open_clip:  # every block through its own forward, as under no_grad
+            vit._block = lambda block, x: block(x)
+        features = vit(images, masks)
+        features.square().sum().backward()
+        results.append((features.detach(), prompts.mask_embedding.grad.clone()))
+    (ours, our_grad), (theirs, their_grad) = results
+    assert their_grad.abs().max() > 0
+    assert torch.allclose(ours, theirs, atol=1e-5) and torch.allclose(our_grad, their_grad, atol=1e-5, rtol=1e-4)

@@ -1,6 +1,7 @@
 """Several processes inside a stage: with `compute.processes: 2` the training stages launch two DDP ranks
 themselves (gloo on CPU, as nccl would on GPUs) and reach the weights of one process that runs the same
-global batches.
+global batches. The comparisons run in fp32: they are about how the processes share the work; bf16 is
+tested on its own (test_precision.py).
 
 Tolerance: the ranks sum gradients in another order than one process does, and AdamW turns those
 float-rounding differences into small weight differences. Per tensor, the difference between the two
@@ -14,10 +15,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ovseg_core.clip.models import load_clip
 from ovseg_core.clip.mpt import load_prompts
@@ -26,6 +32,7 @@ from test_stage_pretrain_clip import params as pretrain_params
 from test_stage_train_maskformer import stage_params as maskformer_params
 
 REL = 1e-3
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(stage: str, params: dict, variant: str | None = None) -> dict:
@@ -59,7 +66,8 @@ def assert_close(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor], ini
 def test_train_maskformer_two_processes_match_one(tiny_world, tiny_models, tmp_path):
     results, logs = {}, {}
     for processes in (1, 2):
-        p = maskformer_params(tiny_world, tiny_models, tmp_path / f"p{processes}", processes=processes)
+        p = maskformer_params(tiny_world, tiny_models, tmp_path / f"p{processes}", processes=processes,
+                              precision="fp32")
         p["train_maskformer"]["net"] = {"num_queries": 8, "decoder_layers": 2, "dropout": 0.1, "drop_path_rate": 0.1}
         p["train_maskformer"]["train"].update(steps=3, batch_size=4, micro_batches=2)
         run("train_maskformer", p)
@@ -79,7 +87,7 @@ def test_adapt_clip_two_processes_match_one(mode, tiny_mined, tiny_models, tiny_
     outs = {}
     for processes in (1, 2):
         base = tmp_path / f"p{processes}"
-        p = {"compute": {"threads": 1, "processes": processes}, "adapt_clip": {
+        p = {"compute": {"threads": 1, "processes": processes, "precision": "fp32"}, "adapt_clip": {
             "clip_arch": tiny_models.clip_arch, "pairs": str(tiny_mined.out.parent), "out": str(base / "out"),
             "checkpoints": str(base / "ckpt"), "metrics": str(base / "metrics"), "plots": str(base / "plots"),
             "probe_dataset": str(tiny_world.eval), "probe_images": 2,
@@ -105,8 +113,50 @@ def test_pretrain_clip_two_processes_match_one(tiny_world, tmp_path):
     states = {}
     for processes in (1, 2):
         p = pretrain_params(world, tmp_path / f"p{processes}", probe={"images": 1})
-        p["compute"]["processes"] = processes
+        p["compute"].update(processes=processes, precision="fp32")
         run("pretrain_clip", p)
         states[processes] = load_clip("ovseg-tiny-vit", Path(p["pretrain_clip"]["out"]) / "clip.pt").model.state_dict()
     torch.manual_seed(0)
     assert_close(states[1], states[2], load_clip("ovseg-tiny-vit").model.state_dict())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_as_one_job(tiny_world, tiny_models, tmp_path):
+    """`compute.nodes: 2`: the same stage started on two "nodes" (here two processes on this machine, as on two
+    machines) meets at `compute.master`; node 0 writes the model, node 1 nothing, and the weights are those
+    of one node running both ranks."""
+    net = {"num_queries": 8, "decoder_layers": 2, "dropout": 0.1, "drop_path_rate": 0.1}
+    master = f"127.0.0.1:{free_port()}"
+    nodes = []
+    for rank in (0, 1):
+        p = maskformer_params(tiny_world, tiny_models, tmp_path / "job", nodes=2, node_rank=rank, master=master,
+                              precision="fp32")
+        p["train_maskformer"]["net"] = net
+        p["train_maskformer"]["train"].update(steps=3, batch_size=4, micro_batches=2)
+        p["train_maskformer"]["out"] = str(tmp_path / f"node{rank}" / "models")
+        (tmp_path / f"node{rank}").mkdir(parents=True)
+        (tmp_path / f"node{rank}" / "params.yaml").write_text(yaml.safe_dump(p))
+        nodes.append(subprocess.Popen([sys.executable, "-m", "stages.train_maskformer", "--params",
+                                       str(tmp_path / f"node{rank}" / "params.yaml")], cwd=REPO,
+                                      env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert (tmp_path / "node0" / "models" / "model.pt").is_file()
+    assert not (tmp_path / "node1" / "models").exists()  # only the node of global rank 0 writes
+
+    single = maskformer_params(tiny_world, tiny_models, tmp_path / "single", processes=2, precision="fp32")
+    single["train_maskformer"]["net"] = net
+    single["train_maskformer"]["train"].update(steps=3, batch_size=4, micro_batches=2)
+    run("train_maskformer", single)
+    one = torch.load(Path(single["train_maskformer"]["out"]) / "model.pt")["state_dict"]
+    two = torch.load(tmp_path / "node0" / "models" / "model.pt")["state_dict"]
+    from ovseg_core.maskformer import build_model, preset_config
+
+    torch.manual_seed(0)
+    assert_close(one, two, build_model(preset_config("tiny", **net), one["class_predictor.text_features"]).state_dict())

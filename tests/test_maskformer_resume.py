@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_training(data: str | Path, checkpoints: str | Path, log: str | Path, steps: int) -> dict[str, torch.Tensor]:
-    """The run under test (also what the subprocesses execute): tiny model, seed 0."""
+    """The run under test (also what the subprocesses execute): tiny model, seed 0, one torch thread (other
+    thread counts round differently, and tests run before may have changed this process's)."""
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     # dropout and drop-path on, so that the seeded per-step randomness is exercised too
     net = preset_config("tiny", num_queries=8, decoder_layers=2, dropout=0.1, drop_path_rate=0.1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ovseg_core.clip.models import load_clip
-from ovseg_core.compute import CPU_FP32
+from ovseg_core.compute import CPU_FP32, Placement
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.maskformer.model import load_model
 from ovseg_core.mining import Miner, MiningConfig
@@ -19,11 +19,11 @@ from ovseg_core.mining import Miner, MiningConfig
 VARIANT = "proposals-nouns"
 
 
-def miner(tiny_world, tiny_models, loader_workers: int = 0, **settings) -> Miner:
+def miner(tiny_world, tiny_models, loader_workers: int = 0, placement: Placement = CPU_FP32, **settings) -> Miner:
     cfg = MiningConfig.from_dict({"top_proposals": 12, "image_format": "png", "images_per_unit": 100,
                                   "nouns": {"tagger": f"trained:{tiny_world.tagged_captions}"}, **settings})
     return Miner(cfg, PreparedDataset.load(tiny_world.coco), load_clip(tiny_models.clip_arch, tiny_models.clip),
-                 load_model(tiny_models.proposal_net)[0], CPU_FP32, loader_workers)
+                 load_model(tiny_models.proposal_net)[0], placement, loader_workers)
 
 
 def mined(m: Miner) -> dict:
@@ -77,3 +77,17 @@ def test_two_worker_processes_mine_byte_identical_shards(tiny_mined, mine_params
     assert summary["units"] == tiny_mined.summary["units"] >= 4
     one_process = shard_digests(tiny_mined.out)
     assert shard_digests(tmp_path / "mined" / VARIANT) == one_process and len(one_process) == summary["units"]
+
+
+def test_loader_workers_inside_a_prefect_flow(tiny_mined, mine_params, tmp_path):
+    """DataLoader workers are fork()ed from the stage's flow process, as under `dvc repro` (Prefect 3.8 made
+    every such child exit with code 1 at its end, failing the loader; 3.9.1 fixed it)."""
+    from flows.stage import stage_flow
+
+    params = mine_params(tmp_path, compute={"loader_workers": 2})
+    threads = torch.get_num_threads()
+    try:
+        stage_flow("mine", params, VARIANT)()
+    finally:
+        torch.set_num_threads(threads)
+    assert shard_digests(tmp_path / "mined" / VARIANT) == shard_digests(tiny_mined.out)

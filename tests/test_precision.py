@@ -9,7 +9,7 @@ import torch
 from ovseg_core.clip.adapted import load_adapted
 from ovseg_core.clip.models import load_clip
 from ovseg_core.clip.train import train_clip
-from ovseg_core.compute import ComputeConfig, Placement
+from ovseg_core.compute import ComputeConfig, Placement, native_bf16
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.evaluation import BRANCHES, BranchSegmenter, evaluate_branches
 from ovseg_core.maskformer import build_model, preset_config
@@ -27,8 +27,9 @@ LOSS_RTOL = 0.02  # per-step CLIP training loss, bf16 vs fp32
 MASKFORMER_LATER_RTOL = 0.05
 
 
-def test_auto_precision_is_fp32_on_the_cpu_and_bf16_can_be_asked_for():
-    assert ComputeConfig().placement().precision == ("bf16" if torch.cuda.is_available() else "fp32")
+def test_auto_precision_is_bf16_where_native_and_can_be_set():
+    assert ComputeConfig(device="cpu").placement().precision == ("bf16" if native_bf16(CPU) else "fp32")
+    assert ComputeConfig(device="cpu", precision="fp32").placement() == Placement(CPU, "fp32")
     assert ComputeConfig(device="cpu", precision="bf16").placement() == Placement(CPU, "bf16")
     with Placement(CPU, "bf16").autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16

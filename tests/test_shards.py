@@ -1,12 +1,12 @@
+import argparse
 import hashlib
 import io
 import json
-import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
-import braceexpand
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -97,24 +97,29 @@ def test_round_trip_index_and_shards_agree(tmp_path, units):
         assert {k for k, s in seen.items() if s == shard_name(unit)} == {p.key for p in pairs}
 
 
-def test_open_clip_loader_conventions(tmp_path, units):
+def test_open_clip_trainers_own_loader_reads_the_shards(tmp_path, units):
+    """open_clip_train's `get_wds_dataset` (what `python -m open_clip_train.main --dataset-type webdataset` runs),
+    called as the trainer calls it: the sample count from sizes.json, crops decoded, nouns tokenised."""
+    import open_clip
+    from open_clip_train.data import get_wds_dataset
+
+    import ovseg_core.clip.models  # noqa: F401  (registers the tiny architecture with open_clip)
+
     write_units(tmp_path, units)  # default: jpg crops
     finalize_dataset(tmp_path, PARAMS, "test-version")
-    urls = str(tmp_path / "pairs-{000000..000002}.tar")
-    # open_clip_train.data.get_dataset_size: sizes.json in the shards' directory, by file name
-    sizes = json.loads((tmp_path / "sizes.json").read_text())
-    assert sum(int(sizes[os.path.basename(u)]) for u in braceexpand.braceexpand(urls)) == 16
-    # open_clip_train.data.get_wds_dataset's decoding of a sample
-    pipeline = (wds.WebDataset(urls, shardshuffle=False)
-                .select(lambda s: "txt" in s and any(k in s for k in ("png", "jpg", "jpeg", "webp")))
-                .decode("pilrgb").rename(image="jpg;png;jpeg;webp", text="txt").to_tuple("image", "text"))
-    samples = list(pipeline)
+    args = argparse.Namespace(train_data=str(tmp_path / "pairs-{000000..000002}.tar"), train_num_samples=None,
+                              dataset_resampled=False, train_data_upsampling_factors=None, seed=0, batch_size=4,
+                              workers=1, world_size=1)
+    _, _, preprocess = open_clip.create_model_and_transforms("ovseg-tiny-vit")
+    tokenizer = open_clip.get_tokenizer("ovseg-tiny-vit")
+    info = get_wds_dataset(args, preprocess, is_train=True, epoch=0, tokenizer=tokenizer)
     all_pairs = [p for ps in units.values() for p in ps]
-    assert [text for _, text in samples] == [p.noun for p in all_pairs]
-    for (image, _), pair in zip(samples, all_pairs):
-        assert image.mode == "RGB" and image.size == (pair.crop.shape[1], pair.crop.shape[0])
-        error = np.abs(np.asarray(image, dtype=np.int16) - pair.crop.astype(np.int16)).mean()
-        assert error < 6  # JPEG quality 95, 4:4:4, on random-noise crops (the worst case)
+    assert info.dataloader.num_samples == len(all_pairs) == 16
+    texts = []
+    for images, tokens in info.dataloader:
+        assert images.shape[1:] == (3, 64, 64)
+        texts += [tuple(t.tolist()) for t in tokens]
+    assert Counter(texts) == Counter(tuple(tokenizer(p.noun)[0].tolist()) for p in all_pairs)
 
 
 def test_shard_bytes_are_reproducible(tmp_path, units):
@@ -172,6 +177,14 @@ def test_killed_process_leaves_only_resumable_debris(tmp_path, units):
     write_units(tmp_path, units)
     assert completed_units(tmp_path) == [0, 1, 2]
     assert finalize_dataset(tmp_path, PARAMS, "v", expected_units=3)["pairs"] == 16
+
+
+def test_finalize_refuses_a_pair_key_in_two_shards(tmp_path, units):
+    write_units(tmp_path, {0: units[0], 1: units[0][:1]})  # shard 1 repeats shard 0's first pair
+    with pytest.raises(DataError, match=f"pair key {units[0][0].key} also in {shard_name(0)}") as error:
+        finalize_dataset(tmp_path, PARAMS, "v")
+    assert error.value.path == tmp_path / shard_name(1)
+    assert not (tmp_path / "index.parquet").exists()
 
 
 def test_finalize_refuses_incomplete_datasets(tmp_path, units):

@@ -50,7 +50,7 @@ from ..distributed import init_distributed, shutdown
 from ..errors import DataError
 from ..progress import Progress
 from ..training.checkpoint import batch_order, load_checkpoint, save_checkpoint, seed_everything
-from ..training.loader import step_loader
+from ..loading import step_loader
 from .models import ClipBundle
 from .mpt import MaskPrompts, encode_masked
 from .text import VILD_TEMPLATES, TextFeatureCache

@@ -19,10 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from nltk.corpus import wordnet
-
 from ..errors import DataError
-from ..nouns import INSTALL_OFFLINE_COMMAND, NounConfig, use_nltk_data
+from ..nouns import INSTALL_OFFLINE_COMMAND, NounConfig, use_nltk_data, wordnet
 
 # Names of one concept that neither spelling nor WordNet matches (WordNet's motorbike is a minibike).
 SAME_CONCEPT: tuple[tuple[str, ...], ...] = (

@@ -202,8 +202,8 @@ def _pc59_d2_lut(items: list[Item], voc: Path, raw_lut: np.ndarray, id_order: st
     their reference annotation: a wrong or missing id_order is an error naming the order the files follow."""
     d2_dir = items[0].label.parent
     if id_order is None:
-        raise DataError(d2_dir, f"PC-59 detectron2 labels come in two id orders; set the reader option id_order: "
-                                f"'ovseg' (59_labels.txt order, OVSeg's prepare_pascal_context.py) or 'catseg' "
+        raise DataError(d2_dir, "PC-59 detectron2 labels come in two id orders; set the reader option id_order: "
+                                "'ovseg' (59_labels.txt order, OVSeg's prepare_pascal_context.py) or 'catseg' "
                                 "(sorted by labels.txt id, CAT-Seg's preparation); see README 'Real data'")
     luts = {order: _d2_lut(order) for order in ID_ORDERS}
     agree = dict.fromkeys(ID_ORDERS, 0)

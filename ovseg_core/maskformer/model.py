@@ -206,8 +206,9 @@ class OpenVocabMaskFormer(MaskFormerForInstanceSegmentation):
     def forward(self, pixel_values: Tensor, mask_labels: list[Tensor] | None = None,
                 class_labels: list[Tensor] | None = None, **kwargs: Any):
         # The library only fills the decoder's per-layer states (needed for deep supervision) when
-        # hidden states are requested; it drops them from its output again otherwise.
-        kwargs.setdefault("output_hidden_states", self.config.use_auxiliary_loss)
+        # hidden states are requested; it drops them from its output again otherwise. Inference needs
+        # the last layer only.
+        kwargs.setdefault("output_hidden_states", self.config.use_auxiliary_loss and self.training)
         return super().forward(pixel_values, mask_labels=mask_labels, class_labels=class_labels, **kwargs)
 
     def get_logits(self, outputs: MaskFormerModelOutput) -> tuple[Tensor, Tensor, list[dict[str, Tensor]]]:
@@ -216,7 +217,7 @@ class OpenVocabMaskFormer(MaskFormerForInstanceSegmentation):
         layer and skips the decoder's final LayerNorm, which MaskFormer applies to every layer's output."""
         pixel_embeddings = outputs.pixel_decoder_last_hidden_state
         states = [outputs.transformer_decoder_last_hidden_state]
-        if self.config.use_auxiliary_loss:
+        if self.config.use_auxiliary_loss and outputs.transformer_decoder_hidden_states is not None:
             norm = self.model.transformer_module.decoder.layernorm
             states = [norm(h) for h in outputs.transformer_decoder_hidden_states[1:-1]] + states
         classes = [self.class_predictor(s) for s in states]

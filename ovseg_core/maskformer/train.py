@@ -40,7 +40,7 @@ from ..compute import ComputeConfig
 from ..distributed import init_distributed, shutdown
 from ..progress import Progress
 from ..training.checkpoint import batch_order, load_checkpoint, save_checkpoint
-from ..training.loader import step_loader
+from ..loading import step_loader
 from .augment import AugmentConfig, augment
 from .data import SemanticDataset
 from .model import OpenVocabMaskFormer, fingerprint

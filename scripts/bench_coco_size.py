@@ -1,0 +1,291 @@
+"""The data engine at the mission's size: the embedded world at COCO's size, end to end, every step measured.
+
+In a fresh clone of this repository (`--clone`, created here) with `configs/embedded-coco-size.yaml` as its
+params.yaml (118,287 images, 5 captions each), run and time, with the peak memory of each step's whole
+process tree:
+
+1. `dvc repro` of world, prepare, pretrain_clip, train_maskformer;
+2. `dvc repro mine@proposals-nouns`, killed with SIGKILL once at least half of its units are complete, then
+   `dvc repro mine@proposals-nouns` again: it resumes (units complete before the kill are kept);
+3. `dvc commit` of the mined out after its files' timestamps change (DVC rehashes every byte);
+4. `dvc push` of the mined out to a local remote, a teammate's fresh `git clone` of the run and `dvc pull` of
+   that out alone, and the mined set read there by open_clip's own webdataset loader (one pass) and by
+   adapt_clip's data path (one epoch of its training batches);
+5. checks that the shards are what an uninterrupted run gives: units mined before and after the kill are
+   mined again from scratch (`mine-units`), and the first tenth of the units is mined by the stage on
+   Prefect's thread runner and on a local Dask cluster of two worker processes: all byte-identical;
+6. linearity: world and prepare at a tenth of the size (`--fraction`), and the tenth's mining time, ×10
+   against the full run.
+
+    python -m scripts.bench_coco_size --clone /work/coco-run --out benchmarks/coco-size-cpu.json
+    python -m scripts.bench_coco_size --clone /tmp/small --images 3000 --out /tmp/small.json   # a quick rehearsal
+
+Subcommands used by the above (each runs in its own process, so that its memory is its own):
+`loader-pass --kind open_clip|adapt_clip --shards DIR`, `mine-units --params FILE --units U... --out DIR`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from scripts import measure
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = "configs/embedded-coco-size.yaml"
+VARIANT = "proposals-nouns"
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class Run:
+    """Steps in one working directory, each measured and recorded."""
+
+    def __init__(self, record: dict[str, Any]):
+        self.record = record
+        self.env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONPATH="",
+                        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+    def step(self, name: str, cmd: list[str], cwd: Path, **kwargs: Any) -> measure.Measured:
+        print(f"[{datetime.datetime.now():%H:%M:%S}] {name}: {' '.join(cmd)}", flush=True)
+        result = measure.run(cmd, cwd, self.env, **kwargs)
+        self.record["steps"][name] = {"seconds": result.seconds, "peak_rss_gib": result.peak_rss_gib,
+                                      "returncode": result.returncode}
+        print(f"    {self.record['steps'][name]}", flush=True)
+        if result.returncode and "kill_when" not in kwargs:
+            raise RuntimeError(f"{name} failed:\n{result.output[-4000:]}")
+        return result
+
+
+def git(*args: str, cwd: Path) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def profile(clone: Path, images: int | None) -> dict[str, Any]:
+    params = yaml.safe_load((clone / PROFILE).read_text())
+    if images:
+        params["world"]["coco_images"] = images
+    return params
+
+
+def shard_digests(directory: Path, units: range | list[int]) -> dict[str, str]:
+    return {f"pairs-{u:06d}.tar": sha256(directory / f"pairs-{u:06d}.tar") for u in units}
+
+
+def slice_params(base: dict[str, Any], clone: Path, name: str, units: int, **prefect: Any) -> Path:
+    """The run's params with mining limited to its first `units` units, into directories of its own."""
+    params = json.loads(json.dumps(base))
+    mine = params["mine"]
+    mine["common"]["max_images"] = units * mine["common"]["images_per_unit"]
+    mine.update(out=f"bench/{name}/mined", work=f"bench/{name}/work", metrics=f"bench/{name}/metrics")
+    params["prefect"].update(prefect)
+    path = clone / "bench" / name / "params.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def full_run(args: argparse.Namespace) -> dict[str, Any]:
+    clone = args.clone.resolve()
+    if clone.exists():
+        raise SystemExit(f"{clone} exists: give a new directory")
+    record: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{measure.cpu_name()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "command": "python -m scripts.bench_coco_size " + " ".join(sys.argv[1:]),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                 text=True).stdout.strip(),
+        "steps": {},
+    }
+    run = Run(record)
+    git("clone", "-q", str(REPO), str(clone), cwd=REPO.parent)
+    run.step("nltk data", ["bash", "scripts/install_nltk_data.sh"], clone)
+    params = profile(clone, args.images)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run.step("validate", [sys.executable, "-m", "stages.validate"], clone)
+    for stage in ("world", "prepare", "pretrain_clip", "train_maskformer"):
+        run.step(f"dvc repro {stage}", ["dvc", "repro", stage], clone)
+
+    images = len(json.loads((clone / "data/prepared/world-coco/dataset.json").read_text())["samples"])
+    per_unit = params["mine"]["common"]["images_per_unit"]
+    units = math.ceil(images / per_unit)
+    work = clone / params["mine"]["work"] / VARIANT
+    kill_at = units // 2 + 1
+    killed = run.step("dvc repro mine (killed)", ["dvc", "repro", f"mine@{VARIANT}"], clone,
+                      kill_when=lambda: len(list(work.glob("*.stats.json"))) >= kill_at)
+    complete_at_kill = sorted(int(p.name[6:12]) for p in work.glob("*.stats.json"))
+    record["kill"] = {"returncode": killed.returncode, "units": units, "complete_at_kill": len(complete_at_kill)}
+    run.step("dvc repro mine (resumed)", ["dvc", "repro", f"mine@{VARIANT}"], clone)
+    metrics = json.loads((clone / params["mine"]["metrics"] / f"{VARIANT}.json").read_text())
+    out = clone / params["mine"]["out"] / VARIANT
+    record["mined"] = {"images": images, "units": units, **metrics}
+    run.step("dvc status (nothing to do)", ["dvc", "status"], clone)
+
+    for path in out.iterdir():  # new timestamps: DVC's hash cache no longer vouches for the files
+        os.utime(path)
+    run.step("dvc commit (rehash the mined out)", ["dvc", "commit", "--force", f"mine@{VARIANT}"], clone)
+    remote = clone.parent / f"{clone.name}-remote"
+    subprocess.run(["dvc", "remote", "add", "-d", "team", str(remote)], cwd=clone, env=run.env, check=True)
+    git("add", "params.yaml", "dvc.lock", ".dvc/config", "metrics", cwd=clone)
+    git("-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-q", "-m", "coco-size run",
+        cwd=clone)
+    run.step("dvc push (mined out)", ["dvc", "push", f"mine@{VARIANT}"], clone)
+    mate = clone.parent / f"{clone.name}-teammate"
+    git("clone", "-q", str(clone), str(mate), cwd=clone.parent)
+    run.step("teammate: dvc pull (mined out)", ["dvc", "pull", f"mine@{VARIANT}"], mate)
+    pulled = mate / params["mine"]["out"] / VARIANT
+    record["teammate_pull_identical"] = all(
+        sha256(out / name) == sha256(pulled / name) for name in ("index.parquet", "sizes.json", "README.md"))
+    for kind in ("open_clip", "adapt_clip"):
+        result = run.step(f"teammate: {kind} loader, one pass",
+                          [sys.executable, "-m", "scripts.bench_coco_size", "loader-pass", "--kind", kind,
+                           "--shards", str(pulled), "--clip-arch", params["adapt_clip"]["clip_arch"]], REPO)
+        record[f"{kind}_loader"] = measure.last_json(result.output)
+
+    # shards byte-identical to uninterrupted mining: units from before and after the kill, mined afresh
+    after = [u for u in range(units) if u not in complete_at_kill]
+    check = sorted({complete_at_kill[0], complete_at_kill[-1], after[0], after[len(after) // 2], units - 1})
+    result = run.step("mine units afresh (uninterrupted)",
+                      [sys.executable, "-m", "scripts.bench_coco_size", "mine-units", "--params",
+                       str(clone / "params.yaml"), "--units", *map(str, check), "--out", str(clone / "bench/units")],
+                      clone)
+    record["resume_check"] = {"units": check, "byte_identical":
+                              shard_digests(clone / "bench/units", check) == shard_digests(out, check)}
+
+    tenth = max(1, round(units * args.fraction))
+    for name, prefect in (("slice-threads", {}), ("slice-dask", {"task_runner": "dask"})):
+        params_file = slice_params(params, clone, name, tenth, **prefect)
+        if name == "slice-dask":  # a local Dask cluster of two worker processes
+            sliced = yaml.safe_load(params_file.read_text())
+            sliced["compute"]["processes"] = 2
+            params_file.write_text(yaml.safe_dump(sliced, sort_keys=False))
+        result = run.step(f"mine first {tenth} units ({name})", [sys.executable, "-m", "flows.stage", "mine",
+                                                                 "--variant", VARIANT, "--params", str(params_file)],
+                          clone)
+        record[name] = {"units": tenth, "summary": measure.last_json(result.output), "byte_identical":
+                        shard_digests(clone / "bench" / name / "mined" / VARIANT, range(tenth))
+                        == shard_digests(out, range(tenth))}
+
+    # linearity of world and prepare: the same profile at a tenth of the images, in a clone of its own
+    small = clone.parent / f"{clone.name}-tenth"
+    git("clone", "-q", str(REPO), str(small), cwd=REPO.parent)
+    (small / ".ovseg").mkdir(exist_ok=True)
+    (small / ".ovseg" / "nltk_data").symlink_to(clone / ".ovseg" / "nltk_data")
+    (small / "params.yaml").write_text(yaml.safe_dump(profile(small, round(images * args.fraction)), sort_keys=False))
+    for stage in ("world", "prepare"):
+        run.step(f"tenth: dvc repro {stage}", ["dvc", "repro", stage], small)
+    steps = record["steps"]
+    full_mining = steps["dvc repro mine (killed)"]["seconds"] + steps["dvc repro mine (resumed)"]["seconds"]
+    record["linearity"] = {
+        "world": round(10 * steps["tenth: dvc repro world"]["seconds"] / steps["dvc repro world"]["seconds"], 3),
+        "prepare": round(10 * steps["tenth: dvc repro prepare"]["seconds"] / steps["dvc repro prepare"]["seconds"], 3),
+        "mine": round(10 * steps[f"mine first {tenth} units (slice-threads)"]["seconds"] / full_mining, 3),
+        "note": "10 x (a tenth's seconds) / full seconds; 1 = linear. Full mining = killed + resumed runs "
+                "(two start-ups), the tenth one stage run",
+    }
+    record["peak_rss_gib_max"] = max(s["peak_rss_gib"] for s in steps.values())
+    return record
+
+
+def loader_pass(args: argparse.Namespace) -> None:
+    """One pass over the mined shards with open_clip's webdataset loader or adapt_clip's data path."""
+    import torch
+
+    start = time.perf_counter()
+    samples = 0
+    if args.kind == "open_clip":
+        import open_clip
+        from open_clip_train.data import get_wds_dataset
+
+        import ovseg_core.clip.models  # noqa: F401  (registers the tiny architecture)
+
+        sizes = json.loads((args.shards / "sizes.json").read_text())
+        urls = "::".join(str(args.shards / name) for name in sorted(sizes))
+        _, _, preprocess = open_clip.create_model_and_transforms(args.clip_arch)
+        # its evaluation pipeline: the training one's decoding and tokenising, every sample exactly once (the
+        # training one shuffles and rounds the epoch up to whole batches)
+        ns = argparse.Namespace(val_data=urls, val_num_samples=sum(sizes.values()), batch_size=256, workers=2,
+                                world_size=1)
+        info = get_wds_dataset(ns, preprocess, is_train=False, tokenizer=open_clip.get_tokenizer(args.clip_arch))
+        for images, _ in info.dataloader:
+            samples += images.shape[0]
+        expected = sum(sizes.values())
+    else:
+        from ovseg_core.clip.models import load_clip
+        from ovseg_core.clip.pairs import MinedPairSamples
+        from ovseg_core.clip.train import ClipTrainConfig, StepBatches
+        from ovseg_core.loading import step_loader
+
+        bundle = load_clip(args.clip_arch)
+        data = MinedPairSamples(args.shards, bundle.image_size, bundle.mean, bundle.std)
+        steps = len(data) // 256
+        config = ClipTrainConfig(mode="mpt", steps=steps, batch_size=256, lr=0.0, weight_decay=0.0)
+        for images, _, _ in step_loader(StepBatches(data, config, 0, 1), 0, steps, workers=2):
+            samples += images.shape[0]
+        expected = steps * 256
+    seconds = time.perf_counter() - start
+    assert samples == expected, (samples, expected)
+    print(json.dumps({"samples": samples, "seconds": round(seconds, 1), "samples_per_s": round(samples / seconds),
+                      "peak_rss_gib_this_process": round(psutil.Process().memory_info().rss / 2**30, 3),
+                      "torch_threads": torch.get_num_threads()}))
+
+
+def mine_units(args: argparse.Namespace) -> None:
+    """Mine the given units from scratch, with the settings and models of the run's mine stage."""
+    from stages.common import StageContext, load_params
+    from stages.mine import mining_spec, miner_for
+
+    ctx = StageContext("mine", load_params(args.params), VARIANT)
+    spec = mining_spec(ctx)
+    args.out.mkdir(parents=True, exist_ok=True)
+    miner = miner_for(json.dumps(spec, sort_keys=True))
+    for unit in args.units:
+        miner.mine_unit(unit, args.out)
+    print(json.dumps({"units": args.units}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    parser.add_argument("--clone", type=Path, help="a new directory for the run's clone")
+    parser.add_argument("--images", type=int, default=None, help="COCO split size (default: the profile's)")
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--out", type=Path)
+    lp = sub.add_parser("loader-pass")
+    lp.add_argument("--kind", choices=("open_clip", "adapt_clip"), required=True)
+    lp.add_argument("--shards", type=Path, required=True)
+    lp.add_argument("--clip-arch", default="ovseg-tiny-vit")
+    mu = sub.add_parser("mine-units")
+    mu.add_argument("--params", type=Path, required=True)
+    mu.add_argument("--units", type=int, nargs="+", required=True)
+    mu.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.command == "loader-pass":
+        return loader_pass(args)
+    if args.command == "mine-units":
+        return mine_units(args)
+    if not args.clone:
+        parser.error("--clone is needed for a run")
+    record = full_run(args)
+    print(json.dumps(record, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

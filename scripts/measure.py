@@ -1,0 +1,79 @@
+"""Run a command and measure it: wall time and the peak memory of its whole process tree.
+
+Peak memory is the largest sum of the resident set sizes of the command's process and all its
+descendants, sampled every 0.2 s (a stage's Prefect server, DVC, DataLoader and Dask workers included).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+
+def tree_rss(root: psutil.Process) -> int:
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+@dataclass
+class Measured:
+    returncode: int
+    seconds: float
+    peak_rss_gib: float
+    output: str
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None,
+        kill_when: Callable[[], bool] | None = None) -> Measured:
+    """Run `cmd` to its end, or, with `kill_when`, until that returns True: then SIGKILL its whole process group
+    (as a crash or an OOM kill would, no clean-up code runs)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or dict(os.environ), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    peak, root, chunks = [0], psutil.Process(proc.pid), []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            chunks.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        peak[0] = max(peak[0], tree_rss(root))
+        if kill_when is not None and kill_when():
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    reader.join(timeout=10)
+    return Measured(proc.returncode, round(time.perf_counter() - start, 1), round(peak[0] / 2**30, 3), "".join(chunks))
+
+
+def last_json(output: str) -> dict:
+    """The last JSON object a command printed at the start of a line (a stage prints its summary so)."""
+    start = output.rindex("\n{") + 1 if not output.startswith("{") or "\n{" in output else 0
+    return json.JSONDecoder().raw_decode(output[start:])[0]
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux's /proc/cpuinfo), else what the platform module knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
