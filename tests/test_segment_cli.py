@@ -103,6 +103,23 @@ def test_cli_writes_overlay_labels_and_json_per_image(run_dir, images, tmp_path,
     assert "wrote 2 of 2 images" in printed
 
 
+def test_cli_device_and_precision(run_dir, images, tmp_path, capsys):
+    argv = ["segment", str(images[0]), "--classes", CLASSES, "--model", str(run_dir)]
+    results = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main([*argv, "--device", "cpu", "--precision", precision, "--out", str(out)]) == 0
+        record = json.loads((out / f"{images[0].stem}.json").read_text())
+        assert record["models"]["device"] == "cpu" and record["models"]["precision"] == precision
+        results[precision] = np.asarray(Image.open(out / f"{images[0].stem}.labels.png"))
+    agree = (results["fp32"] == results["bf16"]).mean()
+    assert agree > 0.9, agree  # bf16 moves a few boundary pixels at most
+    if not torch.cuda.is_available():
+        assert main([*argv, "--device", "cuda", "--out", str(tmp_path / "gpu")]) == 1
+        assert "no CUDA device is visible" in capsys.readouterr().err
+        assert not (tmp_path / "gpu").exists()
+
+
 def test_class_list_rules():
     with pytest.warns(UserWarning, match="duplicate class name 'Sky'"):
         assert normalize_classes(" sky ,kite, Sky,golden   retriever ") == ["sky", "kite", "golden retriever"]
