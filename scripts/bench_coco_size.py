@@ -17,7 +17,13 @@ process tree:
 6. linearity: world and prepare at a tenth of the size (`--fraction`), and the tenth's mining time, ×10
    against the full run.
 
+`linearity` separates what grows with the number of images from what does not (interpreter and DVC start-up,
+the 8,000-image web split, the evaluation sets): world and prepare at three sizes in one clone, the cost per
+image between the smallest and each larger size, and the tenth's ×10 against the full run, raw and for the
+size-dependent part alone.
+
     python -m scripts.bench_coco_size --clone /work/coco-run --out benchmarks/coco-size-cpu.json
+    python -m scripts.bench_coco_size linearity --clone /work/lin --sizes 1000 11829 118287 --out F.json
     python -m scripts.bench_coco_size --clone /tmp/small --images 3000 --out /tmp/small.json   # a quick rehearsal
 
 Subcommands used by the above (each runs in its own process, so that its memory is its own):
@@ -201,6 +207,42 @@ def full_run(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def linearity(args: argparse.Namespace) -> dict[str, Any]:
+    """world and prepare of the profile at each of `args.sizes` COCO images, one after another in one clone."""
+    clone = args.clone.resolve()
+    if clone.exists():
+        raise SystemExit(f"{clone} exists: give a new directory")
+    record: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{measure.cpu_name()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "command": "python -m scripts.bench_coco_size " + " ".join(sys.argv[1:]),
+        "steps": {},
+    }
+    run = Run(record)
+    git("clone", "-q", str(REPO), str(clone), cwd=REPO.parent)
+    run.step("nltk data", ["bash", "scripts/install_nltk_data.sh"], clone)
+    sizes = sorted(args.sizes)
+    for n in sizes:
+        (clone / "params.yaml").write_text(yaml.safe_dump(profile(clone, n), sort_keys=False))
+        for stage in ("world", "prepare"):
+            run.step(f"{n}: dvc repro {stage}", ["dvc", "repro", stage], clone)
+    steps, small, full = record["steps"], sizes[0], sizes[-1]
+    record["linearity"] = {}
+    for stage in ("world", "prepare"):
+        seconds = {n: steps[f"{n}: dvc repro {stage}"]["seconds"] for n in sizes}
+        per_image_ms = {n: round(1000 * (seconds[n] - seconds[small]) / (n - small), 3) for n in sizes[1:]}
+        record["linearity"][stage] = {
+            "seconds": seconds,
+            "fixed_s": round(seconds[small] - small * per_image_ms[full] / 1000, 1),
+            "ms_per_image_above_smallest": per_image_ms,
+            # 1 = linear: the middle size's cost per image against the full size's
+            "per_image_ratio": round(per_image_ms[sizes[-2]] / per_image_ms[full], 3) if len(sizes) > 2 else None,
+            "raw_ratio": round(full / sizes[-2] * seconds[sizes[-2]] / seconds[full], 3) if len(sizes) > 2 else None,
+        }
+    record["peak_rss_gib_max"] = max(s["peak_rss_gib"] for s in steps.values())
+    return record
+
+
 def loader_pass(args: argparse.Namespace) -> None:
     """One pass over the mined shards with open_clip's webdataset loader or adapt_clip's data path."""
     import torch
@@ -273,14 +315,18 @@ def main() -> None:
     mu.add_argument("--params", type=Path, required=True)
     mu.add_argument("--units", type=int, nargs="+", required=True)
     mu.add_argument("--out", type=Path, required=True)
+    li = sub.add_parser("linearity")
+    li.add_argument("--clone", type=Path, required=True)
+    li.add_argument("--sizes", type=int, nargs="+", required=True)
+    li.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.command == "loader-pass":
         return loader_pass(args)
     if args.command == "mine-units":
         return mine_units(args)
-    if not args.clone:
+    if args.command != "linearity" and not args.clone:
         parser.error("--clone is needed for a run")
-    record = full_run(args)
+    record = linearity(args) if args.command == "linearity" else full_run(args)
     print(json.dumps(record, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

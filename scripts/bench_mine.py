@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -105,7 +104,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            "machine": f"{measure.cpu_name()}, {os.cpu_count()} cores, "
                        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU used",
             "command": "python -m scripts.bench_mine " + " ".join(sys.argv[1:]),
             "measured": "best of the rounds by process wall time; peak RSS = sum over the stage's process tree",
