@@ -1,6 +1,7 @@
-"""The `ovseg` command. Subcommands register themselves in `SUBCOMMANDS`; today: `segment`.
+"""The `ovseg` command. Subcommands register themselves in `SUBCOMMANDS`: `segment`, `export`.
 
     ovseg segment IMAGE [IMAGE ...] --classes "sky, kite, grass, golden retriever" [--out segment-out]
+    ovseg export models/adapt_clip/ft-mpt --out export/ft-mpt    # open_clip / OpenAI files (clip.export)
 
 For each image, three files in --out, each written atomically and all three only once the image is
 fully segmented (a bad image leaves nothing behind):
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .atomic import atomic_file, write_json
+from .clip.export import export_adapted
 from .compute import ComputeError
 from .errors import DataError, MissingWeightsError
 from .segmenter import (
@@ -156,7 +158,39 @@ def add_segment(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_segment, parser=p)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_segment,)
+def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        record = export_adapted(args.clip, args.out, args.clip_arch)
+    except (DataError, MissingWeightsError) as e:
+        print(f"ovseg export: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # e.g. a plain checkpoint without its architecture
+        print(f"ovseg export: error: {args.clip}: {e}", file=sys.stderr)
+        return 1
+    files = ", ".join(f for f in record["files"].values() if f)
+    print(f"exported {record['name']} ({record['arch']}) to {args.out}: {files}")
+    for what, call in record["load"].items():
+        if call:
+            print(f"  {what}: {call}")
+    if record["files"]["openai"] is None:
+        print(f"  no OpenAI layout: {record['openai_layout']}")
+    return 0
+
+
+def add_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="write an adapted CLIP as open_clip (and OpenAI) checkpoints plus its mask prompts",
+        description="Write the CLIP weights of an adapted CLIP as an open_clip checkpoint, in OpenAI's state-dict "
+                    "layout where the architecture allows it, and its mask prompts (see ovseg_core/clip/export.py).",
+        epilog="exit status: 0 written; 1 the adapted CLIP could not be read (nothing is written).")
+    p.add_argument("clip", type=Path, metavar="ADAPTED",
+                   help="adapted-CLIP directory (e.g. models/adapt_clip/ft-mpt) or CLIP checkpoint file")
+    p.add_argument("--out", type=Path, required=True, help="output directory (replaced whole)")
+    p.add_argument("--clip-arch", help="open_clip architecture of a checkpoint that does not record it")
+    p.set_defaults(handler=run_export, parser=p)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_segment, add_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
