@@ -1,6 +1,7 @@
 """The `ovseg` command. Subcommands register themselves in `SUBCOMMANDS`: `segment`, `export`.
 
     ovseg segment IMAGE [IMAGE ...] --classes "sky, kite, grass, golden retriever" [--out segment-out]
+    ovseg segment IMAGE ... --classes ... --masks sam.json    # your own masks (COCO RLE JSON) instead of proposals
     ovseg export models/adapt_clip/ft-mpt --out export/ft-mpt    # open_clip / OpenAI files (clip.export)
 
 For each image, three files in --out, each written atomically and all three only once the image is
@@ -29,7 +30,9 @@ from typing import Callable, Sequence
 from .atomic import atomic_file, write_json
 from .clip.export import export_adapted
 from .compute import ComputeError
+from .datasets.prepared import load_rgb
 from .errors import DataError, MissingWeightsError
+from .mask_files import MaskFile
 from .segmenter import (
     DEFAULT_LAM,
     DEFAULT_THRESHOLD,
@@ -98,6 +101,11 @@ def run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(f"images share file stems {clashes}, so their outputs would overwrite each other; "
                      "segment them in separate runs or with different --out")
     try:
+        mask_file = MaskFile.load(args.masks) if args.masks else None
+    except DataError as e:
+        print(f"ovseg segment: error: {e}", file=sys.stderr)
+        return 1
+    try:
         segmenter = Segmenter.load(args.model, maskformer=args.maskformer, clip=args.clip, clip_arch=args.clip_arch,
                                    clip_variant=args.clip_variant, lam=args.lam, threshold=args.threshold,
                                    device=args.device, precision=args.precision)
@@ -113,7 +121,9 @@ def run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     failed = 0
     for image in images:
         try:
-            result = segmenter.segment(image, classes, mode=args.mode)
+            rgb = load_rgb(image)
+            masks = None if mask_file is None else mask_file.masks([image.name, image.stem], *rgb.shape[:2])
+            result = segmenter.segment(rgb, classes, mode=args.mode, masks=masks)
         except DataError as e:
             print(f"ovseg segment: error: {e}", file=sys.stderr)
             failed += 1
@@ -151,6 +161,9 @@ def add_segment(subparsers: argparse._SubParsersAction) -> None:
                    help=f"mask threshold of the CLIP crops (default {DEFAULT_THRESHOLD})")
     p.add_argument("--mode", choices=("auto", "resize", "slide"), default="auto",
                    help="whole image at once, sliding windows, or auto: windows only for images over 2:1")
+    p.add_argument("--masks", type=Path, metavar="JSON",
+                   help="COCO RLE JSON of your own masks (e.g. SAM's), found by image file name or stem: CLIP "
+                        "classifies them instead of the proposals; pixels they do not cover stay unlabelled")
     p.add_argument("--device", default="auto",
                    help="auto (the GPU when one is visible, else the CPU), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
