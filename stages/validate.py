@@ -58,7 +58,8 @@ def check(params: dict[str, Any]) -> list[str]:
     entries = [("prepare.train", prepare.get("train"))]
     if prepare.get("web"):
         entries.append(("prepare.web", prepare["web"]))
-    entries += [(f"prepare.eval.{name}", entry) for name, entry in (prepare.get("eval") or {}).items()]
+    for section in ("captioned", "eval"):
+        entries += [(f"prepare.{section}.{name}", entry) for name, entry in (prepare.get(section) or {}).items()]
     for where, entry in entries:
         if not entry:
             problems.append(f"{where}: missing")
