@@ -12,7 +12,7 @@ CLIP checkpoint:
 
 Using the mask prompts outside the project: `prompts.pt` is `{"mask_embedding": [depth, grid², width], "arch"}`
 (`torch.load(..., weights_only=True)`). `ovseg_core.clip.mpt.MaskPromptedViT` applies them to open_clip's own
-`VisionTransformer` (it only reads the submodules; torch and open_clip are all it needs)::
+`VisionTransformer` (it only reads its submodules)::
 
     import open_clip, torch
     from ovseg_core.clip.mpt import MaskPromptedViT, load_prompts
