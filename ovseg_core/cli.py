@@ -1,8 +1,9 @@
-"""The `ovseg` command. Subcommands register themselves in `SUBCOMMANDS`: `segment`, `export`.
+"""The `ovseg` command. Subcommands register themselves in `SUBCOMMANDS`: `segment`, `export`, `import-ovseg`.
 
     ovseg segment IMAGE [IMAGE ...] --classes "sky, kite, grass, golden retriever" [--out segment-out]
     ovseg segment IMAGE ... --classes ... --masks sam.json    # your own masks (COCO RLE JSON) instead of proposals
     ovseg export models/adapt_clip/ft-mpt --out export/ft-mpt    # open_clip / OpenAI files (clip.export)
+    ovseg import-ovseg ovseg_swinbase_vitL14_ft_mpt.pth --out models/adapt_clip/ovseg   # its CLIP (clip.ovseg_release)
 
 For each image, three files in --out, each written atomically and all three only once the image is
 fully segmented (a bad image leaves nothing behind):
@@ -25,10 +26,11 @@ import warnings
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .atomic import atomic_file, write_json
 from .clip.export import export_adapted
+from .clip.ovseg_release import import_release
 from .compute import ComputeError
 from .datasets.prepared import load_rgb
 from .errors import DataError, MissingWeightsError
@@ -134,9 +136,17 @@ def run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 1 if failed else 0
 
 
+def _command(subparsers: argparse._SubParsersAction, name: str, handler: Callable[..., int], **kwargs: Any
+             ) -> argparse.ArgumentParser:
+    """A subcommand's parser, whose `handler(args, parser)` runs it."""
+    p = subparsers.add_parser(name, **kwargs)
+    p.set_defaults(handler=handler, parser=p)
+    return p
+
+
 def add_segment(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "segment", help="segment images into any list of class names",
+    p = _command(
+        subparsers, "segment", run_segment, help="segment images into any list of class names",
         description="Segment images into the classes you name (any words: CLIP's text tower encodes them).",
         epilog="writes <stem>.overlay.png, <stem>.labels.png (class ids) and <stem>.json per image into --out.\n"
                "exit status: 0 all written; 1 a model or some image could not be read (the other images are\n"
@@ -168,7 +178,6 @@ def add_segment(subparsers: argparse._SubParsersAction) -> None:
                    help="auto (the GPU when one is visible, else the CPU), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto: bf16 where the device computes it natively (GPUs, AVX512-BF16 CPUs), else fp32 (default auto)")
-    p.set_defaults(handler=run_segment, parser=p)
 
 
 def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -191,8 +200,9 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def add_export(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "export", help="write an adapted CLIP as open_clip (and OpenAI) checkpoints plus its mask prompts",
+    p = _command(
+        subparsers, "export", run_export,
+        help="write an adapted CLIP as open_clip (and OpenAI) checkpoints plus its mask prompts",
         description="Write the CLIP weights of an adapted CLIP as an open_clip checkpoint, in OpenAI's state-dict "
                     "layout where the architecture allows it, and its mask prompts (see ovseg_core/clip/export.py).",
         epilog="exit status: 0 written; 1 the adapted CLIP could not be read (nothing is written).")
@@ -200,10 +210,31 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
                    help="adapted-CLIP directory (e.g. models/adapt_clip/ft-mpt) or CLIP checkpoint file")
     p.add_argument("--out", type=Path, required=True, help="output directory (replaced whole)")
     p.add_argument("--clip-arch", help="open_clip architecture of a checkpoint that does not record it")
-    p.set_defaults(handler=run_export, parser=p)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_segment, add_export)
+def run_import_ovseg(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        written = import_release(args.checkpoint, args.out, args.name)
+    except DataError as e:
+        print(f"ovseg import-ovseg: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {written}: use it as --clip {args.out} (ovseg segment) or as an evaluate variant's clip")
+    return 0
+
+
+def add_import_ovseg(subparsers: argparse._SubParsersAction) -> None:
+    p = _command(
+        subparsers, "import-ovseg", run_import_ovseg,
+        help="the adapted CLIP of an OVSeg release (e.g. ovseg_swinbase_vitL14_ft_mpt.pth)",
+        description="Write the CLIP and mask prompts of one of OVSeg's released checkpoints as an adapted-CLIP "
+                    "directory (see ovseg_core/clip/ovseg_release.py; the proposal network is not mapped).",
+        epilog="exit status: 0 written; 1 the checkpoint could not be read or lacks OVSeg's CLIP keys.")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    p.add_argument("--out", type=Path, required=True, help="adapted-CLIP directory to write")
+    p.add_argument("--name", default="ovseg", help="the adapted CLIP's name (default ovseg)")
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_segment, add_export, add_import_ovseg)
 
 
 def build_parser() -> argparse.ArgumentParser:
