@@ -1,4 +1,5 @@
 """ovseg_core: the OVSeg library (datasets, CLIP, MaskFormer, mining, metrics).
 
-Knows torch, open_clip, transformers, nltk, pycocotools, webdataset and pyarrow; never DVC or Prefect.
+Knows torch, open_clip, transformers, nltk, pycocotools, webdataset, pyarrow and safetensors; never DVC or
+Prefect.
 """

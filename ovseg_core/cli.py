@@ -1,6 +1,9 @@
-"""The `ovseg` command. Subcommands register themselves in `SUBCOMMANDS`; today: `segment`.
+"""The `ovseg` command. Subcommands register themselves in `SUBCOMMANDS`: `segment`, `export`, `import-ovseg`.
 
     ovseg segment IMAGE [IMAGE ...] --classes "sky, kite, grass, golden retriever" [--out segment-out]
+    ovseg segment IMAGE ... --classes ... --masks sam.json    # your own masks (COCO RLE JSON) instead of proposals
+    ovseg export models/adapt_clip/ft-mpt --out export/ft-mpt    # open_clip / OpenAI files (clip.export)
+    ovseg import-ovseg ovseg_swinbase_vitL14_ft_mpt.pth --out models/adapt_clip/ovseg   # its CLIP (clip.ovseg_release)
 
 For each image, three files in --out, each written atomically and all three only once the image is
 fully segmented (a bad image leaves nothing behind):
@@ -23,11 +26,15 @@ import warnings
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .atomic import atomic_file, write_json
+from .clip.export import export_adapted
+from .clip.ovseg_release import import_release
 from .compute import ComputeError
+from .datasets.prepared import load_rgb
 from .errors import DataError, MissingWeightsError
+from .mask_files import MaskFile
 from .segmenter import (
     DEFAULT_LAM,
     DEFAULT_THRESHOLD,
@@ -96,6 +103,11 @@ def run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(f"images share file stems {clashes}, so their outputs would overwrite each other; "
                      "segment them in separate runs or with different --out")
     try:
+        mask_file = MaskFile.load(args.masks) if args.masks else None
+    except DataError as e:
+        print(f"ovseg segment: error: {e}", file=sys.stderr)
+        return 1
+    try:
         segmenter = Segmenter.load(args.model, maskformer=args.maskformer, clip=args.clip, clip_arch=args.clip_arch,
                                    clip_variant=args.clip_variant, lam=args.lam, threshold=args.threshold,
                                    device=args.device, precision=args.precision)
@@ -111,7 +123,9 @@ def run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     failed = 0
     for image in images:
         try:
-            result = segmenter.segment(image, classes, mode=args.mode)
+            rgb = load_rgb(image)
+            masks = None if mask_file is None else mask_file.masks([image.name, image.stem], *rgb.shape[:2])
+            result = segmenter.segment(rgb, classes, mode=args.mode, masks=masks)
         except DataError as e:
             print(f"ovseg segment: error: {e}", file=sys.stderr)
             failed += 1
@@ -122,9 +136,17 @@ def run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 1 if failed else 0
 
 
+def _command(subparsers: argparse._SubParsersAction, name: str, handler: Callable[..., int], **kwargs: Any
+             ) -> argparse.ArgumentParser:
+    """A subcommand's parser, whose `handler(args, parser)` runs it."""
+    p = subparsers.add_parser(name, **kwargs)
+    p.set_defaults(handler=handler, parser=p)
+    return p
+
+
 def add_segment(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "segment", help="segment images into any list of class names",
+    p = _command(
+        subparsers, "segment", run_segment, help="segment images into any list of class names",
         description="Segment images into the classes you name (any words: CLIP's text tower encodes them).",
         epilog="writes <stem>.overlay.png, <stem>.labels.png (class ids) and <stem>.json per image into --out.\n"
                "exit status: 0 all written; 1 a model or some image could not be read (the other images are\n"
@@ -149,14 +171,70 @@ def add_segment(subparsers: argparse._SubParsersAction) -> None:
                    help=f"mask threshold of the CLIP crops (default {DEFAULT_THRESHOLD})")
     p.add_argument("--mode", choices=("auto", "resize", "slide"), default="auto",
                    help="whole image at once, sliding windows, or auto: windows only for images over 2:1")
+    p.add_argument("--masks", type=Path, metavar="JSON",
+                   help="COCO RLE JSON of your own masks (e.g. SAM's), found by image file name or stem: CLIP "
+                        "classifies them instead of the proposals; pixels they do not cover stay unlabelled")
     p.add_argument("--device", default="auto",
                    help="auto (the GPU when one is visible, else the CPU), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto: bf16 where the device computes it natively (GPUs, AVX512-BF16 CPUs), else fp32 (default auto)")
-    p.set_defaults(handler=run_segment, parser=p)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_segment,)
+def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        record = export_adapted(args.clip, args.out, args.clip_arch)
+    except (DataError, MissingWeightsError) as e:
+        print(f"ovseg export: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # e.g. a plain checkpoint without its architecture
+        print(f"ovseg export: error: {args.clip}: {e}", file=sys.stderr)
+        return 1
+    files = ", ".join(f for f in record["files"].values() if f)
+    print(f"exported {record['name']} ({record['arch']}) to {args.out}: {files}")
+    for what, call in record["load"].items():
+        if call:
+            print(f"  {what}: {call}")
+    if record["files"]["openai"] is None:
+        print(f"  no OpenAI layout: {record['openai_layout']}")
+    return 0
+
+
+def add_export(subparsers: argparse._SubParsersAction) -> None:
+    p = _command(
+        subparsers, "export", run_export,
+        help="write an adapted CLIP as open_clip (and OpenAI) checkpoints plus its mask prompts",
+        description="Write the CLIP weights of an adapted CLIP as an open_clip checkpoint, in OpenAI's state-dict "
+                    "layout where the architecture allows it, and its mask prompts (see ovseg_core/clip/export.py).",
+        epilog="exit status: 0 written; 1 the adapted CLIP could not be read (nothing is written).")
+    p.add_argument("clip", type=Path, metavar="ADAPTED",
+                   help="adapted-CLIP directory (e.g. models/adapt_clip/ft-mpt) or CLIP checkpoint file")
+    p.add_argument("--out", type=Path, required=True, help="output directory (replaced whole)")
+    p.add_argument("--clip-arch", help="open_clip architecture of a checkpoint that does not record it")
+
+
+def run_import_ovseg(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        written = import_release(args.checkpoint, args.out, args.name)
+    except DataError as e:
+        print(f"ovseg import-ovseg: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {written}: use it as --clip {args.out} (ovseg segment) or as an evaluate variant's clip")
+    return 0
+
+
+def add_import_ovseg(subparsers: argparse._SubParsersAction) -> None:
+    p = _command(
+        subparsers, "import-ovseg", run_import_ovseg,
+        help="the adapted CLIP of an OVSeg release (e.g. ovseg_swinbase_vitL14_ft_mpt.pth)",
+        description="Write the CLIP and mask prompts of one of OVSeg's released checkpoints as an adapted-CLIP "
+                    "directory (see ovseg_core/clip/ovseg_release.py; the proposal network is not mapped).",
+        epilog="exit status: 0 written; 1 the checkpoint could not be read or lacks OVSeg's CLIP keys.")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    p.add_argument("--out", type=Path, required=True, help="adapted-CLIP directory to write")
+    p.add_argument("--name", default="ovseg", help="the adapted CLIP's name (default ovseg)")
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_segment, add_export, add_import_ovseg)
 
 
 def build_parser() -> argparse.ArgumentParser:

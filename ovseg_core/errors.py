@@ -1,7 +1,9 @@
 """Errors that name the offending file and what is wrong with it."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 
 class DataError(Exception):
@@ -26,3 +28,12 @@ def read_text_file(path: str | Path, what: str) -> str:
         raise DataError(path, f"{what} is missing") from e
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(path, f"{what} cannot be read as UTF-8 text: {e}") from e
+
+
+def read_json_file(path: str | Path, what: str) -> Any:
+    """A JSON file's contents, or DataError naming the file and saying what it was meant to be."""
+    text = read_text_file(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"{what} is not valid JSON: {e}") from e

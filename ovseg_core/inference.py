@@ -17,6 +17,9 @@ device; the networks run in whatever precision the caller's autocast context say
 - `ensemble`: p = p_mf^(1−λ) · p_clip^λ (OVSeg); with a `seen` mask, zsseg's variant, in which seen
   classes use p_mf^λ · p_clip^(1−λ).
 - `semantic_map`: scores = einsum("qc,qhw->chw", p, sigmoid(mask logits)), labels = argmax over c.
+- `segment_masks`: given masks (a mask file's, e.g. SAM's) instead of proposals: CLIP alone classifies
+  each mask (no MaskFormer scores exist for them), the map is the same einsum over the binary masks, and
+  pixels no mask covers get NO_MASK_LABEL.
 - `combine_scores` / `segment`: all of the above. Proposals whose mask is empty after thresholding have no crop and so
   no CLIP score: they are dropped from the semantic map (they cover no pixel above the threshold;
   OVSeg's code instead sets p_clip = 1 for them, which inflates them to p_mf^(1−λ)). When no proposal
@@ -38,7 +41,7 @@ from .crops import masked_crops
 from .maskformer.model import OpenVocabMaskFormer
 
 OUTSIDE_WINDOW_LOGIT = -100.0  # a sliding-window proposal's logit outside its window (sigmoid ≈ 4e-44)
-NO_MASK_LABEL = -1  # semantic_map's label when it is given no mask at all
+NO_MASK_LABEL = -1  # the label of pixels no mask covers (semantic_map given no mask, segment_masks)
 
 Encoder = Callable[[Tensor, Tensor], Tensor]  # (crops [M, 3, S, S], crop masks [M, S, S]) → normalised [M, D]
 
@@ -282,3 +285,23 @@ def segment(model: OpenVocabMaskFormer, image: np.ndarray | Tensor, text_feature
     sm = semantic_map(scores, props.mask_logits[used], return_scores=return_score_maps)
     return Segmentation(labels=sm.labels, class_scores=scores, mask_indices=used, proposals=props,
                         score_maps=sm.scores)
+
+
+@torch.no_grad()
+def segment_masks(image: np.ndarray | Tensor, masks: Tensor, clip: ClipBranch) -> Segmentation:
+    """Semantic segmentation of one image from given bool masks [N, H, W] (module docstring), by CLIP alone."""
+    image = as_chw(image)
+    if masks.dtype != torch.bool or masks.ndim != 3 or masks.shape[1:] != image.shape[1:]:
+        raise ValueError(f"masks must be bool [N, {image.shape[1]}, {image.shape[2]}], got {masks.dtype} "
+                         f"{tuple(masks.shape)}")
+    scores = classify_proposals(image, masks, clip.encode, clip.text_features, clip.size, clip.mean, clip.std,
+                                clip.threshold, clip.logit_scale)
+    logits = torch.where(masks, -OUTSIDE_WINDOW_LOGIT, OUTSIDE_WINDOW_LOGIT)  # sigmoid: 1 inside, ≈ 0 outside
+    used = scores.keep.nonzero().flatten()
+    probs = scores.probs.to(logits.device)
+    class_probs = probs.new_zeros(len(masks), probs.shape[1])
+    class_probs[used] = probs
+    labels = semantic_map(probs, logits[used]).labels
+    labels = torch.where(masks.any(0), labels, NO_MASK_LABEL)
+    return Segmentation(labels=labels, class_scores=probs, mask_indices=used,
+                        proposals=Proposals(mask_logits=logits, class_probs=class_probs), score_maps=None)

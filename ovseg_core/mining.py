@@ -1,11 +1,11 @@
 """Mining (masked region, category) pairs: the paper's data engine (§3.2).
 
-For every image of a captioned segmentation set: masks (MaskFormer proposals, or the ground-truth
-segments for the paper's Table 2 controls), masked crops through THE shared `masked_crops`, CLIP
-image features of the crops, categories (caption nouns, or the ground-truth class names), and each
-category assigned its best-matching mask by CLIP. Work is split into independent units of
-`images_per_unit` images; each unit becomes one WebDataset shard, so a crashed run resumes by
-redoing only the units without a complete shard.
+For every image of a captioned image set: masks (MaskFormer proposals, the ground-truth segments for
+the paper's Table 2 controls, or your own from a COCO RLE file, e.g. SAM's: `mask_files`), masked crops
+through THE shared `masked_crops`, CLIP image features of the crops, categories (caption nouns, or the
+ground-truth class names), and each category assigned its best-matching mask by CLIP. Work is split
+into independent units of `images_per_unit` images; each unit becomes one WebDataset shard, so a
+crashed run resumes by redoing only the units without a complete shard.
 
 The data path streams: DataLoader workers (`loader_workers`) decode images and extract caption nouns
 ahead of the GPU; `batch_images` images go through MaskFormer together (equal-sized ones in one
@@ -33,8 +33,10 @@ from .clip.text import TextFeatureCache
 from .compute import CPU_FP32, Placement
 from .crops import MaskedCrops, masked_crops
 from .datasets.prepared import PreparedDataset
+from .errors import DataError
 from .inference import batch_proposals
 from .loading import data_loader
+from .mask_files import MaskFile
 from .maskformer.model import OpenVocabMaskFormer
 from .matching import match_nouns_to_proposals
 from .nouns import NounConfig, NounExtractor
@@ -43,10 +45,11 @@ from .shards import Pair, PairShardWriter, pair_key
 
 @dataclass(frozen=True)
 class MiningConfig:
-    masks: Literal["proposals", "gt"] = "proposals"  # where masks come from
+    masks: Literal["proposals", "gt", "file"] = "proposals"  # where masks come from
+    mask_file: str | None = None  # masks "file": COCO RLE JSON of the dataset's images (`mask_files`)
     categories: Literal["nouns", "gt_classes"] = "nouns"  # where category names come from
     num_captions: int = 1  # captions per image whose nouns are used (paper: 1; Table 2 case 4: 5)
-    top_proposals: int = 20  # proposals kept per image, by MaskFormer objectness (1 − p_void)
+    top_proposals: int = 20  # masks kept per image, by MaskFormer objectness (1 − p_void) or a file's predicted_iou
     mask_threshold: float = 0.5  # sigmoid threshold of a proposal's mask for its crop
     score_threshold: float | None = None  # drop pairs whose CLIP cosine is below this
     one_noun_per_proposal: bool = False  # Hungarian assignment instead of best proposal per noun
@@ -64,9 +67,11 @@ class MiningConfig:
         if unknown:
             raise ValueError(f"unknown mining option(s) {unknown}; known: {sorted(known)}")
         cfg = cls(**d)
-        if cfg.masks not in ("proposals", "gt") or cfg.categories not in ("nouns", "gt_classes"):
-            raise ValueError(f"mining masks must be proposals|gt and categories nouns|gt_classes, "
+        if cfg.masks not in ("proposals", "gt", "file") or cfg.categories not in ("nouns", "gt_classes"):
+            raise ValueError(f"mining masks must be proposals|gt|file and categories nouns|gt_classes, "
                              f"got {cfg.masks}/{cfg.categories}")
+        if (cfg.masks == "file") != (cfg.mask_file is not None):
+            raise ValueError("mining masks: file and a mask_file go together (the COCO RLE JSON to read)")
         if cfg.categories == "gt_classes" and cfg.masks != "gt":
             raise ValueError("categories gt_classes needs masks gt (the classes belong to the GT segments)")
         if cfg.batch_images < 1 or cfg.crop_batch < 1:
@@ -92,6 +97,7 @@ class MiningInput:
     id: str
     image: torch.Tensor  # uint8 [3, H, W]
     label: torch.Tensor | None  # int64 [H, W] ground truth (masks: gt)
+    masks: torch.Tensor | None  # bool [N, H, W] from the mask file (masks: file), best first
     categories: list[tuple[str, str]] | None  # (noun, caption it came from), unique, in caption order
 
 
@@ -99,9 +105,10 @@ class MiningImages(torch.utils.data.Dataset):
     """Item i: `MiningInput` of image i (the CPU work of mining, done in loader workers)."""
 
     def __init__(self, cfg: MiningConfig, dataset: PreparedDataset, nouns: NounExtractor | None,
-                 captions: Mapping[str, list[str]]):
+                 captions: Mapping[str, list[str]], mask_file: MaskFile | None = None):
         self.cfg, self.dataset = cfg, dataset
         self.nouns, self.captions = nouns, captions
+        self.mask_file = mask_file
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -110,6 +117,10 @@ class MiningImages(torch.utils.data.Dataset):
         sample = self.dataset.samples[i]
         image = torch.from_numpy(np.ascontiguousarray(self.dataset.load_image(i))).permute(2, 0, 1)
         label = torch.from_numpy(self.dataset.load_label(i)) if self.cfg.masks == "gt" else None
+        masks = None
+        if self.mask_file is not None:
+            names = image_names(self.dataset, i)
+            masks = torch.from_numpy(self.mask_file.masks(names, *image.shape[1:], limit=self.cfg.top_proposals))
         categories = None
         if self.nouns is not None:
             found: dict[str, str] = {}
@@ -117,7 +128,13 @@ class MiningImages(torch.utils.data.Dataset):
                 for noun in self.nouns.nouns(caption):
                     found.setdefault(noun, caption)
             categories = list(found.items())
-        return MiningInput(i, sample.id, image, label, categories)
+        return MiningInput(i, sample.id, image, label, masks, categories)
+
+
+def image_names(dataset: PreparedDataset, i: int) -> list[str]:
+    """The names a mask file may know sample i by: its image's file name, its id and the file's stem."""
+    path = dataset.image_path(i)
+    return [path.name, dataset.samples[i].id, path.stem]
 
 
 class _Indices(torch.utils.data.Sampler[int]):
@@ -151,7 +168,19 @@ class Miner:
         self.text = TextFeatureCache(clip)
         self.nouns = NounExtractor(NounConfig.from_dict(cfg.nouns)) if cfg.categories == "nouns" else None
         self.captions = dataset.captions() if cfg.categories == "nouns" else {}
+        self.mask_file = MaskFile.load(cfg.mask_file) if cfg.mask_file else None
+        if self.mask_file is not None:
+            self._check_mask_file(self.mask_file)
         self._loaders = threading.local()
+
+    def _check_mask_file(self, mask_file: MaskFile) -> None:
+        """Every image to mine needs an entry in the mask file (so that a file for other images fails here)."""
+        images = range(self.cfg.num_images(len(self.dataset)))
+        missing = [self.dataset.samples[i].id for i in images if mask_file.find(image_names(self.dataset, i)) is None]
+        if missing:
+            raise DataError(mask_file.path, f"no masks for {len(missing)} of the {len(images)} images of "
+                                            f"{self.dataset.name} to mine, e.g. {missing[:3]} (by id, file name or "
+                                            "stem; an image without masks needs an empty list)")
 
     @property
     def num_units(self) -> int:
@@ -165,7 +194,7 @@ class Miner:
         live as long as the miner: each thread keeps its own loader, re-pointed at every call's images)."""
         loader = getattr(self._loaders, "loader", None)
         if loader is None:
-            images = MiningImages(self.cfg, self.dataset, self.nouns, self.captions)
+            images = MiningImages(self.cfg, self.dataset, self.nouns, self.captions, self.mask_file)
             self._loaders.sampler = _Indices()
             loader = data_loader(images, self.loader_workers, batch_size=self.cfg.batch_images, collate_fn=list,
                                  sampler=self._loaders.sampler, persistent_workers=self.loader_workers > 0)
@@ -174,9 +203,11 @@ class Miner:
         yield from loader
 
     def _masks(self, items: list[MiningInput]) -> list[tuple[torch.Tensor, list[str] | None]]:
-        """Per image: masks [N, H, W] on the device (probabilities, or bool for GT segments) and, for GT
-        segments, each mask's class name."""
+        """Per image: masks [N, H, W] on the device (probabilities, or bool for GT segments and mask files)
+        and, for GT segments, each mask's class name."""
         device = self.placement.device
+        if self.cfg.masks == "file":
+            return [(it.masks.to(device), None) for it in items]
         if self.cfg.masks == "gt":
             out = []
             for it in items:

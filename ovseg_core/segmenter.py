@@ -32,6 +32,9 @@ Behaviour choices:
 - Mode "auto" runs the network once on the whole (resized) image, unless the image is more than
   `SLIDE_ASPECT` times as long as it is high (or vice versa): then crop-size windows slide along it
   (2/3 overlap), so that the network never sees an input far from its square training crops.
+- Your own masks (`masks=`, e.g. SAM's from a mask file, see `ovseg_core.mask_files`): CLIP classifies
+  each mask at the image's full resolution and the proposal network is not run; pixels no mask covers
+  are left unlabelled (the ignore value, `label_ignore`). Mode "masks".
 - `mean_score` of a class is the mean, over the pixels labelled with it, of the class's share of the
   pixel's total score Σ_c Σ_q p[q, c] · sigmoid(mask_q) — 1 where no other class competes.
 """
@@ -54,7 +57,7 @@ from .clip.text import TextFeatureCache
 from .compute import CPU_FP32, ComputeConfig, Placement
 from .datasets.prepared import load_rgb
 from .errors import DataError, MissingWeightsError, read_text_file
-from .inference import ClipBranch, Segmentation, segment
+from .inference import NO_MASK_LABEL, ClipBranch, Segmentation, segment, segment_masks
 from .maskformer.model import OpenVocabMaskFormer, load_model
 from .visualize import MAX_CLASSES, overlay
 
@@ -168,11 +171,11 @@ def read_classes_file(path: str | Path) -> list[str]:
 
 @dataclass
 class SegmentResult:
-    labels: np.ndarray  # [H, W] int64 ids into `classes`, at the input image's size
+    labels: np.ndarray  # [H, W] int64 ids into `classes` (label_ignore where no given mask covers), input size
     classes: list[str]
     present: list[dict[str, Any]]  # {class, pixel_share, mean_score} of each class found, largest first
     overlay: Image.Image  # the image with the label map blended over it and a legend
-    mode: str  # the inference mode used: "resize" or "slide"
+    mode: str  # the inference mode used: "resize", "slide" or "masks"
     inference_size: tuple[int, int]  # (width, height) of the image as segmented (before upsampling)
     seconds: float  # wall time of `segment` (model loading excluded)
 
@@ -283,28 +286,34 @@ class Segmenter:
 
     @torch.no_grad()
     def segment(self, image: str | Path | Image.Image | np.ndarray, classes: str | Sequence[str], *,
-                background: str | None = None, mode: Mode = "auto") -> SegmentResult:
+                background: str | None = None, mode: Mode = "auto", masks: np.ndarray | None = None
+                ) -> SegmentResult:
         """Label every pixel of `image` (a path, PIL image or RGB uint8 array) with one of `classes` (a list,
-        or one comma-separated string)."""
+        or one comma-separated string); with `masks` (bool [N, H, W] at the image's size) from those masks."""
         start = time.perf_counter()
         names = normalize_classes(classes, background)
         rgb = _as_rgb(image)
         height, width = rgb.shape[:2]
-        work = _working_image(rgb, self.crop_size)
-        used_mode = choose_mode(*work.shape[:2]) if mode == "auto" else mode
+        work = rgb if masks is not None else _working_image(rgb, self.crop_size)
+        used_mode = "masks" if masks is not None else choose_mode(*work.shape[:2]) if mode == "auto" else mode
         with self.placement.autocast():
             text = self.text(names)
             branch = ClipBranch(encode=self._encode, text_features=text, size=self.clip.bundle.image_size,
                                 mean=self.clip.bundle.mean, std=self.clip.bundle.std, threshold=self.threshold,
                                 logit_scale=self.clip.logit_scale)
-            seg = segment(self.model, work, text, clip=branch, lam=self.lam, mode=used_mode)
+            if masks is not None:
+                seg = segment_masks(work, torch.as_tensor(masks, device=self.placement.device), branch)
+            else:
+                seg = segment(self.model, work, text, clip=branch, lam=self.lam, mode=used_mode)
         labels = _upsample_nearest(seg.labels.cpu().numpy(), height, width)
         confidence = _upsample_nearest(_confidence(seg).cpu().numpy(), height, width)
-        counts = np.bincount(labels.ravel(), minlength=len(names))
-        sums = np.bincount(labels.ravel(), weights=confidence.ravel().astype(np.float64), minlength=len(names))
+        covered = labels != NO_MASK_LABEL
+        counts = np.bincount(labels[covered], minlength=len(names))
+        sums = np.bincount(labels[covered], weights=confidence[covered].astype(np.float64), minlength=len(names))
         present = [{"class": names[c], "pixel_share": float(counts[c]) / labels.size,
                     "mean_score": float(sums[c] / counts[c])}
                    for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
+        labels = np.where(covered, labels, label_ignore(len(names)))
         picture = overlay(rgb, labels, names, ignore_label=label_ignore(len(names)))
         return SegmentResult(labels=labels, classes=names, present=present, overlay=picture, mode=used_mode,
                              inference_size=(work.shape[1], work.shape[0]), seconds=time.perf_counter() - start)

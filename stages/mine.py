@@ -75,6 +75,8 @@ def mine_unit(spec_json: str, work: str, unit: int) -> dict[str, int]:
 def fingerprint(spec: dict[str, Any], precision: str) -> dict[str, Any]:
     """What decides the pairs (not where they are computed): settings, models, data and precision."""
     files = {k: file_digest(spec[k]) for k in ("clip", "proposal_net") if spec.get(k) and Path(spec[k]).is_file()}
+    if spec["mining"].get("mask_file") and Path(spec["mining"]["mask_file"]).is_file():
+        files["mask_file"] = file_digest(spec["mining"]["mask_file"])
     files["dataset"] = file_digest(Path(spec["dataset"]) / "dataset.json")
     return {"mining": spec["mining"], "clip_arch": spec["clip_arch"], "files": files, "precision": precision}
 

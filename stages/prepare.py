@@ -3,7 +3,8 @@
 The training set (COCO-Stuff, or the embedded world's COCO split) comes first: its class names are the
 seen vocabulary that flags each evaluation set's classes as seen or unseen, by concept (the paper's protocol:
 COCO-Stuff-171's classes against each benchmark's). Each prepared set's `seen.csv` records that split: for
-every class the training class it matched and the rule that matched it.
+every class the training class it matched and the rule that matched it. Sets under `captioned:` are
+caption-only image sets to mine (your own images: readers `caption-folder`, `webdataset-captions`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     rows = [train]
     if p.get("web"):
         rows.append(_prepare(p["web"], p["web"]["name"], out, None))
+    rows += [_prepare(entry, name, out, None) for name, entry in (p.get("captioned") or {}).items()]
     evals = [_prepare(entry, name, out, train.classes) for name, entry in (p.get("eval") or {}).items()]
     rows += evals
     table = [{"dataset": d.name, "images": len(d), "classes": d.num_classes, "seen": sum(d.seen),

@@ -58,7 +58,8 @@ def check(params: dict[str, Any]) -> list[str]:
     entries = [("prepare.train", prepare.get("train"))]
     if prepare.get("web"):
         entries.append(("prepare.web", prepare["web"]))
-    entries += [(f"prepare.eval.{name}", entry) for name, entry in (prepare.get("eval") or {}).items()]
+    for section in ("captioned", "eval"):
+        entries += [(f"prepare.{section}.{name}", entry) for name, entry in (prepare.get(section) or {}).items()]
     for where, entry in entries:
         if not entry:
             problems.append(f"{where}: missing")
@@ -70,6 +71,11 @@ def check(params: dict[str, Any]) -> list[str]:
         if not produced_by_pipeline(root, params) and not Path(root).is_dir():
             problems.append(f"{where}: dataset root {root} not found; expected "
                             f"{DATASETS[entry['reader']].description}")
+    for variant, settings in ((params.get("mine") or {}).get("variants") or {}).items():
+        mask_file = (settings or {}).get("mask_file")
+        if mask_file and not Path(mask_file).is_file():
+            problems.append(f"mine.variants.{variant}.mask_file: {mask_file} not found (a COCO RLE JSON of your "
+                            "masks; see README 'Bring your own masks')")
     clip = params.get("pretrain_clip", {})
     if clip.get("pretrained"):
         try:

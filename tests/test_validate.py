@@ -39,11 +39,15 @@ def test_embedded_recipe_needs_nothing_from_outside(monkeypatch):
     assert check(load_params(REPO / "params.yaml")) == []
 
 
-def test_a_missing_dataset_root_and_an_unknown_reader_are_both_reported(tmp_path, monkeypatch):
+def test_missing_dataset_roots_mask_files_and_an_unknown_reader_are_all_reported(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = load_params(REPO / "params.yaml")
     params["prepare"]["eval"]["world-eval"] = {"reader": "ade20k-150", "root": "nowhere/ade", "split": "validation"}
     params["prepare"]["eval"]["world-val"]["reader"] = "ade-typo"
+    params["prepare"]["captioned"] = {"my-photos": {"reader": "caption-folder", "root": "nowhere/photos"}}
+    params["mine"]["variants"]["sam-nouns"] = {"masks": "file", "mask_file": "nowhere/sam.json", "categories": "nouns"}
     problems = check(params)
+    assert any("prepare.captioned.my-photos" in p and "nowhere/photos" in p for p in problems)
+    assert any("mine.variants.sam-nouns.mask_file" in p and "nowhere/sam.json" in p for p in problems)
     assert any("prepare.eval.world-eval" in p and "nowhere/ade" in p for p in problems)
     assert any("prepare.eval.world-val.reader" in p and "ade-typo" in p for p in problems)

@@ -1,11 +1,10 @@
 """COCO file-format helpers shared by the COCO-Stuff and COCO Captions readers."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
-from ..errors import DataError
+from ..errors import DataError, read_json_file
 
 # The keys each reader relies on, per top-level list.
 SEGMENTATION_SCHEMA: Mapping[str, Sequence[str]] = {
@@ -26,12 +25,7 @@ def split_dir(split: str) -> str:
 
 def load_coco_json(path: Path, schema: Mapping[str, Sequence[str]] = SEGMENTATION_SCHEMA) -> dict[str, Any]:
     """Read a COCO-format JSON file, or raise DataError naming it and what is wrong."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise DataError(path, "annotation file is missing") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(path, f"annotation file is not valid JSON: {e}") from e
+    data = read_json_file(path, "annotation file")
     if not isinstance(data, dict):
         raise DataError(path, "annotation file must hold a JSON object")
     for key, entry_keys in schema.items():

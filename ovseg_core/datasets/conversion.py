@@ -5,7 +5,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -20,11 +20,14 @@ INVALID = -1  # marks raw label values that no class or ignore value maps from
 
 @dataclass(frozen=True)
 class Item:
-    """One sample to convert: `label` is the annotation file named in errors (None for caption-only data)."""
+    """One sample to convert: `label` is the annotation file named in errors (None for caption-only data).
+    An image inside an archive comes as its bytes (`data`), named `<archive>/<member>` (`image`) in errors,
+    and is stored in the prepared set."""
 
     id: str
     image: Path
     label: Path | None
+    data: bytes | None = None
 
 
 def require_dir(path: Path, layout: str) -> Path:
@@ -129,32 +132,43 @@ def write_prepared(
     name: str,
     classes: ClassList,
     train_vocabulary: Sequence[str] | None,
-    items: Sequence[Item],
+    items: Sequence[Item] | Iterable[Item],
     make_label: Callable[[Item], np.ndarray] | None,
     source: dict[str, Any],
     captions: dict[str, list[str]] | None = None,
+    total: int | None = None,
+    skipped: Iterable[tuple[Path, str]] = (),
 ) -> PreparedDataset:
     """Convert `items` into a prepared dataset at `out_root`. Undecodable images are skipped and recorded;
-    every problem with a label is a DataError. `make_label` returns class ids 0..K-1 and the ignore label."""
+    every problem with a label is a DataError. `make_label` returns class ids 0..K-1 and the ignore label.
+    `skipped`: (file, reason) of images the reader passed over itself. A streaming reader passes `items` as
+    an iterator (with its `total`, for progress) and may fill `captions` and `skipped` as it is consumed:
+    they are read after the last item."""
     ignore = ignore_for(len(classes))
     out_root = Path(out_root)
     source = dict(source, synonyms=[list(s) for s in classes.synonyms])
     split = classes.seen_split(train_vocabulary)
     with PreparedWriter(out_root, name, classes.names, [m.seen for m in split], ignore, source,
                         [m.row(c) for c, m in zip(classes.names, split)]) as writer:
-        for item in track(items, len(items), f"prepare {name}"):
-            size = probe_image(item.image)
+        where = out_root
+        for item in track(items, len(items) if total is None else total, f"prepare {name}"):
+            where = item.image.parent
+            image = item.image if item.data is None else writer.store_image(item.id + item.image.suffix, item.data)
+            size = probe_image(image)
             if isinstance(size, str):
                 writer.skip(relative(item.image, out_root), size)
+                if item.data is not None:
+                    image.unlink()
                 continue
             label = None
             if make_label is not None:
                 assert item.label is not None
                 label = make_label(item)
                 check_size(label, size, item.label, item.image)
-            writer.add(item.id, item.image, label, label_source=item.label)
+            writer.add(item.id, image, label, label_source=item.label or item.image)
+        for path, reason in skipped:
+            writer.skip(relative(path, out_root), reason)
         if not writer.samples:
-            where = items[0].image.parent if items else out_root
             raise DataError(where, f"no usable samples for {name} ({len(writer.skipped)} images failed to decode)")
         if captions is not None:
             kept = {s.id for s in writer.samples}

@@ -6,9 +6,11 @@ Layout of one prepared dataset directory::
     <root>/seen.csv         the seen/unseen split and its basis: class, seen, train_class, rule
     <root>/labels/<id>.png  label map: uint8 PNG when ignore is 255, uint16 PNG when ignore is 65535
     <root>/captions.json    optional: {image id: [caption, ...]}
+    <root>/images/          only images that live inside archives (WebDataset shards), stored on prepare
 
 Images are not copied (a real COCO is 19 GB): each sample stores the image path relative to
-`<root>`, pointing into the raw dataset. Class ids are 0..K-1; every other value is `ignore_label`.
+`<root>`, pointing into the raw dataset (or into `images/`). Class ids are 0..K-1; every other value
+is `ignore_label`.
 A class is *seen* when the proposal network's training vocabulary holds its concept (`concepts`); seen.csv
 names, for each class, the training class it matched and by which rule, so that seen / unseen scores can
 be checked.
@@ -29,6 +31,7 @@ from ..atomic import atomic_dir, write_csv
 from ..errors import DataError
 
 DATASET_FILE = "dataset.json"
+IMAGES_DIR = "images"
 SEEN_FILE = "seen.csv"
 CAPTIONS_FILE = "captions.json"
 
@@ -177,8 +180,17 @@ class PreparedWriter:
                                 f"label values {values} outside the class range 0..{k - 1} (ignore {ignore})")
             rel_label = f"labels/{sample_id}.png"
             save_label(self.tmp / rel_label, label, ignore)
-        rel_image = os.path.relpath(Path(image_path).resolve(), self.root.resolve())
+        image_path = Path(image_path).resolve()
+        base = self.tmp if image_path.is_relative_to(self.tmp.resolve()) else self.root  # stored, or in place
+        rel_image = os.path.relpath(image_path, base.resolve())
         self.samples.append(Sample(sample_id, rel_image, rel_label))
+
+    def store_image(self, name: str, data: bytes) -> Path:
+        """Keep an image that has no file of its own (an archive member) in the prepared set's images/."""
+        path = self.tmp / IMAGES_DIR / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        return path
 
     def skip(self, path: str | Path, reason: str) -> None:
         self.skipped.append({"path": str(path), "reason": reason})

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from . import ade, coco_captions, coco_stuff, pascal_context, voc
+from . import ade, captioned, coco_captions, coco_stuff, pascal_context, voc
 from .prepared import PreparedDataset
 
 Reader = Callable[..., PreparedDataset]
@@ -39,6 +39,10 @@ _SPECS = (
     DatasetSpec("pascal-context-459", pascal_context.prepare_pc459,
                 f"Pascal Context 459: {pascal_context.RAW_LAYOUT}; or {pascal_context.D2_LAYOUT}", {"layout": "auto"}),
     DatasetSpec("voc-20", voc.prepare_voc20, f"Pascal VOC 2012, 20 classes: {voc.LAYOUT}"),
+    DatasetSpec("webdataset-captions", captioned.prepare_webdataset,
+                f"your own captioned images as img2dataset writes them (caption-only): {captioned.WDS_LAYOUT}"),
+    DatasetSpec("caption-folder", captioned.prepare_folder,
+                f"your own images with sidecar .txt captions (caption-only): {captioned.FOLDER_LAYOUT}"),
 )
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in _SPECS}
 
