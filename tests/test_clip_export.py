@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import open_clip
-import pytest
 import torch
 from open_clip.model import build_model_from_openai_state_dict, convert_weights_to_fp16
 
