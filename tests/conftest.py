@@ -224,8 +224,16 @@ def trained_run(tmp_path_factory) -> Path:
     return work
 
 
+# Fixtures that cost minutes: every test that uses one is `slow` (`pytest -m "not slow"` is the quick loop).
+SLOW_FIXTURES = {"trained_run"}
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked `gpu` are skipped, with the reason, on machines without a CUDA device."""
+    """Tests on a minutes-long fixture are marked `slow`; tests marked `gpu` are skipped, with the reason, on
+    machines without a CUDA device."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="marker gpu: no CUDA device is visible here; run `pytest -m gpu` on a GPU machine")

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 import yaml
 
@@ -38,6 +39,7 @@ def test_profile_is_params_yaml_but_for_its_size():
     assert profile["world.coco_images"] == 118_287 and profile["world.captions_per_image"] == 5
 
 
+@pytest.mark.slow
 def test_a_fraction_of_the_profile_mines_end_to_end(tiny_models, tmp_path):
     params = yaml.safe_load(PROFILE.read_text())
     params["world"]["coco_images"] = FRACTION_IMAGES

@@ -31,6 +31,8 @@ from stages.common import StageContext, run_stage
 from test_stage_pretrain_clip import params as pretrain_params
 from test_stage_train_maskformer import stage_params as maskformer_params
 
+pytestmark = pytest.mark.slow  # minutes: real stages, several processes
+
 REL = 1e-3
 REPO = Path(__file__).resolve().parents[1]
 

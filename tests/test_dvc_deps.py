@@ -10,8 +10,9 @@ from dvc.repo import Repo
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("ovseg_core", "stages")
-# Orchestration only: how a stage is launched and monitored, not what it computes.
-NOT_COMPUTATION = {"stages/__init__.py", "stages/common.py", "ovseg_core/__init__.py", "ovseg_core/progress.py"}
+# Orchestration only: how a stage is launched and monitored, not what it computes. (stages/common.py is not:
+# it merges variant settings and fingerprints resumable work.)
+NOT_COMPUTATION = {"stages/__init__.py", "ovseg_core/__init__.py", "ovseg_core/progress.py"}
 
 
 def module_file(name: str) -> Path | None:

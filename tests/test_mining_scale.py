@@ -65,6 +65,7 @@ def shard_digests(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("pairs-*.tar"))}
 
 
+@pytest.mark.slow
 def test_two_worker_processes_mine_byte_identical_shards(tiny_mined, mine_params, tmp_path):
     from flows.stage import stage_flow  # imports Prefect: after conftest has isolated its state
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -32,6 +33,7 @@ def run_in_new_process(params: dict, workdir: Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(params["train_maskformer"]["out"]) / "model.pt", map_location="cpu")["state_dict"]
 
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_params_train_the_same_weights(tiny_world, tiny_models, tmp_path):
     first = run_in_new_process(stage_params(tiny_world, tiny_models, tmp_path / "a"), tmp_path / "a")
     second = run_in_new_process(stage_params(tiny_world, tiny_models, tmp_path / "b"), tmp_path / "b")
