@@ -13,7 +13,8 @@ from open_clip.model import build_model_from_openai_state_dict, convert_weights_
 
 from ovseg_core.cli import main
 from ovseg_core.clip.adapted import load_adapted
-from ovseg_core.clip.export import EXPORT_FILE, OPEN_CLIP_FILE, OPENAI_FILE, PROMPTS_FILE, openai_incompatibility
+from ovseg_core.clip.export import (EXPORT_FILE, OPEN_CLIP_CONFIG_FILE, OPEN_CLIP_FILE, OPENAI_FILE, PROMPTS_FILE,
+                                    openai_incompatibility)
 from ovseg_core.clip.models import ClipBundle, load_clip, save_clip
 from ovseg_core.clip.mpt import MaskPromptedViT, load_prompts
 from test_segment_cli import run_dir  # noqa: F401 - a run's models/, with an FT→MPT adapted CLIP
@@ -50,7 +51,8 @@ def test_open_clip_loads_the_export_with_the_projects_features(run_dir, tmp_path
     record = json.loads((out / EXPORT_FILE).read_text())
     assert record["files"] == {"open_clip": OPEN_CLIP_FILE, "openai": None, "prompts": PROMPTS_FILE}
     assert "GELU" in record["openai_layout"]  # the tiny architecture runs GELU: no OpenAI file
-    assert sorted(p.name for p in out.iterdir()) == sorted([OPEN_CLIP_FILE, PROMPTS_FILE, EXPORT_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted([OPEN_CLIP_FILE, OPEN_CLIP_CONFIG_FILE, PROMPTS_FILE,
+                                                            EXPORT_FILE])
 
     torch.manual_seed(123)  # another init, so unloaded weights could not pass for loaded ones
     model, _, preprocess = open_clip.create_model_and_transforms(TINY, pretrained=str(out / OPEN_CLIP_FILE))
@@ -58,6 +60,12 @@ def test_open_clip_loads_the_export_with_the_projects_features(run_dir, tmp_path
     ours = load_adapted(ft_mpt)
     images, tokens = _inputs(ours.bundle)
     assert _max_diff(model, ours.bundle.model, images, tokens) < TOL
+    # the folder alone, as open_clip's trainer takes it (`--model local-dir:<out>`): architecture and
+    # preprocessing from its config file, the weights found beside it
+    torch.manual_seed(321)
+    folder_model, _, folder_preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    assert _max_diff(folder_model.eval(), ours.bundle.model, images, tokens) < TOL
+    assert repr(folder_preprocess).replace("[", "(").replace("]", ")") == repr(preprocess)  # lists from JSON
 
     # mask prompts on open_clip's own VisionTransformer, as the export's docstring shows
     masks = torch.zeros(3, 64, 64, dtype=torch.bool)

@@ -5,6 +5,9 @@ CLIP checkpoint:
 
     <out>/open_clip_model.safetensors   the CLIP weights (FT's where the variant fine-tuned them) in open_clip's
                                         layout: `open_clip.create_model_and_transforms(arch, pretrained=<file>)`
+    <out>/open_clip_config.json         architecture and preprocessing as open_clip's hub files hold them, so
+                                        that `model_name="local-dir:<out>"` needs nothing else (no registered
+                                        architecture): also `python -m open_clip_train.main --model local-dir:<out>`
     <out>/openai_clip.pt                the same weights in OpenAI's state-dict layout (only for architectures
                                         OpenAI's layout can describe: ViT-B/16, ViT-L/14, ... with QuickGELU)
     <out>/prompts.pt                    the mask prompts, where the variant has them (MPT, FT→MPT)
@@ -45,6 +48,7 @@ OPEN_CLIP_FILE = HF_SAFE_WEIGHTS_NAME  # "open_clip_model.safetensors", the name
 OPENAI_FILE = "openai_clip.pt"
 PROMPTS_FILE = "prompts.pt"
 EXPORT_FILE = "export.json"
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"  # the name open_clip's "local-dir:" and "hf-hub:" schemas read
 
 
 def open_clip_state_dict(bundle: ClipBundle) -> dict[str, torch.Tensor]:
@@ -99,6 +103,16 @@ def load_call(arch: str, quick_gelu: bool, preprocess: dict[str, Any]) -> str:
             f"image_interpolation={preprocess['interpolation']!r}, image_resize_mode={preprocess['resize_mode']!r})")
 
 
+def open_clip_config(bundle: ClipBundle, preprocess: dict[str, Any]) -> dict[str, Any]:
+    """open_clip's config file: the architecture (QuickGELU included) and the project's preprocessing."""
+    model_cfg = open_clip.get_model_config(bundle.arch)
+    if model_cfg is None:
+        raise ValueError(f"open_clip does not know the architecture {bundle.arch!r}")
+    if bundle.quick_gelu:
+        model_cfg["quick_gelu"] = True
+    return {"model_cfg": model_cfg, "preprocess_cfg": {**preprocess, "size": bundle.image_size}}
+
+
 def export_adapted(src: str | Path, out: str | Path, arch: str | None = None) -> dict[str, Any]:
     """Write the export of the adapted CLIP `src` (directory or plain checkpoint; `arch` names the architecture
     of a checkpoint that does not record it) to `out`, replacing it whole. Returns export.json's content."""
@@ -128,6 +142,7 @@ def export_adapted(src: str | Path, out: str | Path, arch: str | None = None) ->
             torch.save(openai_state_dict(bundle), tmp / OPENAI_FILE)
         if adapted.prompts is not None:
             save_prompts(adapted.prompts, tmp / PROMPTS_FILE, bundle.arch)
+        write_json(tmp / OPEN_CLIP_CONFIG_FILE, open_clip_config(bundle, preprocess))
         write_json(tmp / EXPORT_FILE, record)
     return record
 
