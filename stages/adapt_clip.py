@@ -29,7 +29,7 @@ from ovseg_core.compute import ComputeConfig
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.distributed import launch, process_rank
 from ovseg_core.errors import DataError
-from stages.common import StageContext, file_digest, main, per_second, resumable_dir
+from stages.common import StageContext, file_digest, main, resumable_dir, training_figures
 
 TRAIN_KEYS = {f for f in ClipTrainConfig.__dataclass_fields__}
 
@@ -72,9 +72,7 @@ def train_process(paths: dict[str, Any], variant: str, s: dict[str, Any], checkp
         "trainable_params": result.trainable_params,
         "final_loss": float(result.log[-1]["loss"]) if result.log else None,
     }
-    done = (result.step - result.resumed_from_step) * config.batch_size
-    return metrics, {"resumed_from_step": result.resumed_from_step, "train_s": round(train_s, 1),
-                     "samples_per_s": per_second(done, train_s)}
+    return metrics, training_figures(result.resumed_from_step, result.step, config.batch_size, train_s)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

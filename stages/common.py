@@ -156,6 +156,12 @@ def per_second(done: int, seconds: float) -> float | None:
     return round(done / seconds, 1) if done and seconds > 0 else None
 
 
+def training_figures(resumed_from_step: int, steps: int, batch_size: int, seconds: float) -> dict[str, Any]:
+    """A training run's own figures: the step it resumed from, its time, and samples/s over the steps it did."""
+    return {"resumed_from_step": resumed_from_step, "train_s": round(seconds, 1),
+            "samples_per_s": per_second((steps - resumed_from_step) * batch_size, seconds)}
+
+
 def run_record_path(params: dict[str, Any], name: str, variant: str | None = None) -> Path | None:
     """Where a stage run's summary goes: `<runs>/<stage>.json`, or `<runs>/<stage>/<variant>.json` for a
     repeated stage; None when params name no `runs` directory."""

@@ -28,7 +28,7 @@ from ovseg_core.compute import ComputeConfig
 from ovseg_core.distributed import launch, process_rank
 from ovseg_core.clip.datasets import CaptionImageDataset, SegmentProbe, segment_probe
 from ovseg_core.datasets.prepared import CAPTIONS_FILE, DATASET_FILE, PreparedDataset
-from stages.common import StageContext, file_digest, main, per_second, resumable_dir
+from stages.common import StageContext, file_digest, main, resumable_dir, training_figures
 
 CLIP_FILE = "clip.pt"
 LOSS_FILE = "loss.json"
@@ -60,9 +60,7 @@ def train_process(p: dict[str, Any], checkpoints: str, compute: ComputeConfig
         "final_loss": round(sum(r["loss"] for r in tail) / len(tail), 4),
         "logit_scale": round(float(bundle.model.logit_scale.detach().exp()), 2),
     }
-    done = (result.step - result.resumed_from_step) * config.batch_size
-    return metrics, {"resumed_from_step": result.resumed_from_step, "train_s": round(train_s, 1),
-                     "samples_per_s": per_second(done, train_s)}
+    return metrics, training_figures(result.resumed_from_step, result.step, config.batch_size, train_s)
 
 
 def pretrain(p: dict[str, Any], compute: ComputeConfig) -> tuple[dict[str, Any], dict[str, Any]] | None:

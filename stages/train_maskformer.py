@@ -28,7 +28,7 @@ from ovseg_core.maskformer.data import SemanticDataset
 from ovseg_core.maskformer.model import OpenVocabMaskFormer, build_model, load_model, preset_config, save_model
 from ovseg_core.maskformer.train import TrainConfig, train
 from ovseg_core.metrics import evaluate_dataset
-from stages.common import StageContext, main, per_second
+from stages.common import StageContext, main, training_figures
 
 MODEL_FILE = "model.pt"
 
@@ -66,10 +66,8 @@ def train_process(p: dict[str, Any], compute: ComputeConfig) -> tuple[dict[str, 
         return None
     save_model(Path(p["out"]) / MODEL_FILE, model, meta={"classes": dataset.classes, "clip": p["clip"],
                                                         "preset": p["preset"], "train": p["train"]})
-    done = (cfg.steps - result.resumed_from_step) * cfg.batch_size
     return ({"final_loss": result.log[-1]["loss"] if result.log else None},
-            {"resumed_from_step": result.resumed_from_step, "train_s": round(train_s, 1),
-             "samples_per_s": per_second(done, train_s)})
+            training_figures(result.resumed_from_step, cfg.steps, cfg.batch_size, train_s))
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
