@@ -171,7 +171,7 @@ def stage_flow(name: str, params: dict[str, Any], variant: str | None = None) ->
         if rows:
             create_table_artifact(rows, key=artifact_key(label, "result"), description=f"Stage {label}: summary")
         resumed = {k: v for k, v in summary.items() if k.startswith("resumed")}
-        logger.info("stage %s done%s: %s", label, f", resuming {resumed}" if any(resumed.values()) else "",
+        logger.info("stage %s done%s: %s", label, f" (resumed: {resumed})" if any(resumed.values()) else "",
                     json.dumps(summary, default=str)[:2000])
         return summary
 
