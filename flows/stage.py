@@ -4,6 +4,8 @@ This is the `cmd` of every stage in dvc.yaml. The stage's parallel work units be
 runs (retried on failure) on the task runner chosen in params.yaml (`prefect:` section: threads on
 one machine, Dask for a cluster); `ovseg_core` progress becomes progress artifacts; the stage's
 summary becomes a table artifact. No Prefect result caching: DVC decides what reruns.
+The flow run's parameters are the stage's effective settings (the UI's Parameters tab); when it starts,
+earlier runs of the stage whose process is gone are set to Crashed (`flows.orphans`).
 """
 from __future__ import annotations
 
