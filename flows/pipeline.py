@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from uuid import UUID
 
 import flows  # noqa: F401
 from flows.env import REPO, server_url
@@ -66,14 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         from flows.server import start
 
         os.environ["PREFECT_API_URL"] = start()
-    from prefect import flow, get_run_logger
+    from prefect import flow, get_run_logger, tags
     from prefect.runtime import flow_run
+
+    from flows.orphans import crash_orphaned_runs, process_tags
 
     dvc = str(Path(sys.executable).with_name("dvc"))
 
     @flow(name="ovseg-pipeline", log_prints=True, persist_result=False)
     def pipeline() -> dict[str, float]:
         logger = get_run_logger()
+        crash_orphaned_runs("ovseg-pipeline", UUID(flow_run.get_id()), logger)
         os.environ["OVSEG_PIPELINE_RUN"] = str(flow_run.get_id())
         t0 = time.perf_counter()
         if run_logged([dvc, "repro", *args.repro_args], logger) != 0:
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError("dvc push failed")
         return timings
 
-    timings = pipeline()
+    with tags(*process_tags()):
+        timings = pipeline()
     print(f"\nPipeline finished in {timings['repro_s']:.0f} s.\n")
     print(headline())
     print(f"\nReport:       {REPORT.relative_to(REPO)}")

@@ -4,11 +4,15 @@ This is the `cmd` of every stage in dvc.yaml. The stage's parallel work units be
 runs (retried on failure) on the task runner chosen in params.yaml (`prefect:` section: threads on
 one machine, Dask for a cluster); `ovseg_core` progress becomes progress artifacts; the stage's
 summary becomes a table artifact. No Prefect result caching: DVC decides what reruns.
+The flow run's parameters are the stage's effective settings (the UI's Parameters tab); when it starts,
+earlier runs of the stage whose process is gone are set to Crashed (`flows.orphans`).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -21,9 +25,11 @@ import flows  # noqa: F401  (configures Prefect's environment first)
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, create_markdown_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
+from flows.orphans import crash_orphaned_runs, process_tags
 from ovseg_core import progress
 from ovseg_core.compute import ComputeConfig
 from stages.common import PARAMS_FILE, StageContext, load_params, run_stage
@@ -91,10 +97,12 @@ class PrefectStageContext(StageContext):
         items = list(items)
         # NO_CACHE: DVC decides what reruns; Prefect's default policy would also try to hash the
         # unit's source (a functools.partial has none) and log an error for every task run.
-        unit = task(fn, name=f"{self.name}-{artifact_key(desc)}", cache_policy=NO_CACHE, persist_result=False,
+        unit = task(fn, name=desc, cache_policy=NO_CACHE, persist_result=False,
                     retries=int(self.cfg.get("task_retries", 2)),
                     retry_delay_seconds=float(self.cfg.get("retry_delay_s", 1)))
-        futures = unit.map(items)
+        # each task run named after the stage and its unit, e.g. "mine@proposals-nouns unit 12"
+        futures = [unit.with_options(task_run_name=f"{self.stage_label} unit {unit_label(item)}").submit(item)
+                   for item in items]
         results = []
         with progress.Progress(len(items), desc) as p:
             for future in futures:
@@ -112,6 +120,16 @@ class PrefectStageContext(StageContext):
     @property
     def label(self) -> str:
         return f"{self.name}-{self.variant}" if self.variant else self.name
+
+    @property
+    def stage_label(self) -> str:
+        """The stage as DVC names it: `name` or `name@variant`."""
+        return f"{self.name}@{self.variant}" if self.variant else self.name
+
+
+def unit_label(item: Any) -> str:
+    """A work unit as a task run's name shows it: `12`, or `world-eval 0 100` for a tuple."""
+    return " ".join(map(str, item)) if isinstance(item, tuple) else str(item)
 
 
 class ProgressArtifacts:
@@ -134,12 +152,16 @@ class ProgressArtifacts:
 
 
 def stage_flow(name: str, params: dict[str, Any], variant: str | None = None) -> Callable[[], dict[str, Any]]:
+    """The stage as a Prefect flow named after it, called with its effective settings as the flow run's
+    parameters (shown in the UI): the variant, the stage's merged params section and its compute settings."""
     cfg = params.get("prefect", {})
-    label = f"{name}-{variant}" if variant else name
+    ctx = PrefectStageContext(name, params, variant)
+    label = ctx.label
 
-    def body() -> dict[str, Any]:
+    def body(variant: str | None, settings: dict[str, Any], compute: dict[str, Any]) -> dict[str, Any]:
+        # the parameters are for the record: the stage reads the same values from `params`
         logger = get_run_logger()
-        ctx = PrefectStageContext(name, params, variant)
+        crash_orphaned_runs(label, UUID(flow_run.get_id()), logger)
         hook = ProgressArtifacts(label)
         progress.add_hook(hook)
         try:
@@ -150,12 +172,15 @@ def stage_flow(name: str, params: dict[str, Any], variant: str | None = None) ->
         rows = [{"key": k, "value": v} for k, v in summary.items() if not isinstance(v, (dict, list))]
         if rows:
             create_table_artifact(rows, key=artifact_key(label, "result"), description=f"Stage {label}: summary")
-        logger.info("stage %s done: %s", label, json.dumps(summary, default=str)[:2000])
+        resumed = {k: v for k, v in summary.items() if k.startswith("resumed")}
+        logger.info("stage %s done%s: %s", label, f" (resumed: {resumed})" if any(resumed.values()) else "",
+                    json.dumps(summary, default=str)[:2000])
         return summary
 
-    compute = ComputeConfig.for_stage(params, name, variant)
-    return flow(name=label, log_prints=True, retries=0, task_runner=task_runner(cfg, compute),
-                persist_result=False)(body)
+    compute = ctx.compute
+    stage = flow(name=label, log_prints=True, retries=0, task_runner=task_runner(cfg, compute),
+                 persist_result=False)(body)
+    return functools.partial(stage, variant=variant, settings=ctx.settings(), compute=dataclasses.asdict(compute))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     params = load_params(args.params)
-    run_tags = ["ovseg", f"stage-{args.name}"]
+    run_tags = ["ovseg", f"stage-{args.name}", *process_tags()]
     if os.environ.get("OVSEG_PIPELINE_RUN"):
         run_tags.append(f"pipeline-{os.environ['OVSEG_PIPELINE_RUN'][:8]}")
     with tags(*run_tags):

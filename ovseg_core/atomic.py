@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 
 def _current_umask() -> int:
@@ -65,16 +65,29 @@ def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
         tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True) + "\n")
 
 
+def write_torch(path: str | Path, obj: Any) -> None:
+    """`torch.save` atomically, with bytes that depend on `obj` alone.
+
+    Saved to a path, torch names the archive's inner folder after the file, here the random temporary
+    name, so equal objects gave different bytes; saved to a file object the folder is always `archive`.
+    """
+    import torch  # here, not at the top: most users of this module never write torch files
+
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(text)
 
 
-def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Rows with the same keys as one CSV file, atomically (None → empty cell)."""
-    if not rows:
+def write_csv(path: str | Path, rows: list[dict[str, Any]], fields: Sequence[str] | None = None) -> None:
+    """Rows with the same keys (`fields`, by default the first row's) as one CSV file, atomically
+    (None → empty cell)."""
+    if fields is None and not rows:
         raise ValueError(f"{path}: no rows to write")
     with atomic_file(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=list(fields or rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)

@@ -98,6 +98,7 @@ def slice_params(base: dict[str, Any], clone: Path, name: str, units: int, **pre
     mine = params["mine"]
     mine["common"]["max_images"] = units * mine["common"]["images_per_unit"]
     mine.update(out=f"bench/{name}/mined", work=f"bench/{name}/work", metrics=f"bench/{name}/metrics")
+    params["runs"] = f"bench/{name}/runs"
     params["prefect"].update(prefect)
     path = clone / "bench" / name / "params.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,8 +138,10 @@ def full_run(args: argparse.Namespace) -> dict[str, Any]:
     record["kill"] = {"returncode": killed.returncode, "units": units, "complete_at_kill": len(complete_at_kill)}
     run.step("dvc repro mine (resumed)", ["dvc", "repro", f"mine@{VARIANT}"], clone)
     metrics = json.loads((clone / params["mine"]["metrics"] / f"{VARIANT}.json").read_text())
+    resumed = json.loads((clone / params["runs"] / "mine" / f"{VARIANT}.json").read_text())  # its run record
     out = clone / params["mine"]["out"] / VARIANT
-    record["mined"] = {"images": images, "units": units, **metrics}
+    record["mined"] = {"images": images, "units": units, **metrics,
+                       **{k: resumed[k] for k in ("resumed_units", "images_per_s", "finalize_s")}}
     run.step("dvc status (nothing to do)", ["dvc", "status"], clone)
 
     for path in out.iterdir():  # new timestamps: DVC's hash cache no longer vouches for the files

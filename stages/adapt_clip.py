@@ -5,9 +5,10 @@ fine-tuning of the image tower, text tower locked). FT→MPT is `mpt` whose `ini
 variant's output. Settings: `adapt_clip.common` ⊕ `adapt_clip.modes.<mode>` ⊕ `adapt_clip.variants.<name>`.
 
 Outputs `<out>/<variant>/` as an adapted-CLIP directory (`ovseg_core.clip.adapted`), training log
-for `dvc plots`, and metrics: trainable parameters, loss, samples/s and zero-shot accuracy of masked
-crops of a held-out set, seen vs unseen classes. Runs where `compute` says: with `processes` > 1 the
-stage launches that many DDP ranks itself (one per GPU), which share every batch; rank 0 writes.
+for `dvc plots`, and metrics: trainable parameters, loss and zero-shot accuracy of masked crops of a
+held-out set, seen vs unseen classes (the run record adds the resumed step, time and samples/s). Runs
+where `compute` says: with `processes` > 1 the stage launches that many DDP ranks itself (one per GPU),
+which share every batch; rank 0 writes.
 """
 from __future__ import annotations
 
@@ -28,26 +29,16 @@ from ovseg_core.compute import ComputeConfig
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.distributed import launch, process_rank
 from ovseg_core.errors import DataError
-from stages.common import StageContext, file_digest, main, resumable_dir
+from stages.common import StageContext, file_digest, main, resumable_dir, training_figures
 
 TRAIN_KEYS = {f for f in ClipTrainConfig.__dataclass_fields__}
 
 
-def settings(ctx: StageContext) -> tuple[str, dict[str, Any]]:
-    section = ctx.section("adapt_clip")
-    variant = ctx.variant
-    if variant not in (section.get("variants") or {}):
-        raise KeyError(f"params.yaml adapt_clip.variants has no {variant!r}; known: {sorted(section['variants'])}")
-    chosen = section["variants"][variant]
-    mode = chosen.get("mode")
-    if mode not in (section.get("modes") or {}):
-        raise KeyError(f"adapt_clip.variants.{variant}.mode must be one of {sorted(section['modes'])}, got {mode!r}")
-    return variant, {**(section.get("common") or {}), **section["modes"][mode], **chosen}
-
-
 def train_process(paths: dict[str, Any], variant: str, s: dict[str, Any], checkpoints: str,
-                  compute: ComputeConfig) -> dict[str, Any] | None:
-    """One training rank (or the only process); rank 0 writes the adapted CLIP and returns its figures."""
+                  compute: ComputeConfig) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """One training rank (or the only process); rank 0 writes the adapted CLIP and returns its training
+    metrics and this run's figures (what it resumed, its time and throughput: they differ from run to
+    run, so they are no metrics)."""
     torch.set_num_threads(compute.cpu_threads())
     config = ClipTrainConfig(**{k: v for k, v in s.items() if k in TRAIN_KEYS})
     base = load_adapted(s["init"], arch=paths["clip_arch"])
@@ -74,21 +65,18 @@ def train_process(paths: dict[str, Any], variant: str, s: dict[str, Any], checkp
         else:
             save_clip(base.bundle, tmp / "clip.pt")
             write_adapted(tmp, variant, paths["clip_arch"], tmp / "clip.pt", None)
-    done_here = result.step - result.resumed_from_step
-    return {
+    metrics = {
         "mode": config.mode,
         "pairs": len(samples),
         "steps": result.step,
-        "resumed_from_step": result.resumed_from_step,
         "trainable_params": result.trainable_params,
         "final_loss": float(result.log[-1]["loss"]) if result.log else None,
-        # the steps this run did (none when it resumed a finished run)
-        "samples_per_s": round(config.batch_size * done_here / train_s, 1) if done_here else None,
     }
+    return metrics, training_figures(result.resumed_from_step, result.step, config.batch_size, train_s)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    variant, s = settings(ctx)
+    variant, s = ctx.variant_params("adapt_clip")  # common ⊕ modes.<mode> ⊕ variants.<variant>
     paths = ctx.section("adapt_clip")
     compute = ctx.compute
     pairs = Path(paths["pairs"]) / s["pairs"]
@@ -105,11 +93,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     adapted = load_adapted(Path(paths["out"]) / variant, device=placement.device)
     probe = probe_metrics(adapted, PreparedDataset.load(paths["probe_dataset"]), int(paths.get("probe_images", 100)),
                           placement=placement)
-    metrics = {**trained, "processes": compute.world_size, **placement.describe(), **probe}
+    metrics = {**trained[0], "processes": compute.world_size, **placement.describe(), **probe}
     write_json(Path(paths["metrics"]) / f"{variant}.json", metrics)
     ctx.publish_table("metrics", [{"key": k, "value": v} for k, v in metrics.items()],
                       f"CLIP adaptation {variant}")
-    return {"variant": variant, **metrics}
+    return {"variant": variant, **metrics, **trained[1]}
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import yaml
 
+from ovseg_core.atomic import write_text
 from ovseg_core.compute import ComputeConfig
 from ovseg_core.progress import Progress
 
@@ -57,13 +58,30 @@ class StageContext:
         return self.params[key]
 
     def variant_params(self, key: str) -> tuple[str, dict[str, Any]]:
-        """(variant name, merged settings) of a repeated stage: `<key>.common` overlaid with
-        `<key>.variants.<variant>`."""
+        """(variant name, merged settings) of a repeated stage: `<key>.common`, overlaid with
+        `<key>.modes.<mode>` when the variant names a mode, then with `<key>.variants.<variant>`."""
         section = self.section(key)
         variants = section.get("variants") or {}
         if self.variant not in variants:
             raise KeyError(f"params.yaml {key}.variants has no {self.variant!r}; known: {sorted(variants)}")
-        return self.variant, {**(section.get("common") or {}), **(variants[self.variant] or {})}
+        chosen = variants[self.variant] or {}
+        mode = {}
+        if "modes" in section:
+            modes = section["modes"] or {}
+            if chosen.get("mode") not in modes:
+                raise KeyError(f"{key}.variants.{self.variant}.mode must be one of {sorted(modes)}, "
+                               f"got {chosen.get('mode')!r}")
+            mode = modes[chosen["mode"]]
+        return self.variant, {**(section.get("common") or {}), **mode, **chosen}
+
+    def settings(self) -> dict[str, Any]:
+        """This stage's params section as the stage reads it: for a repeated stage, the section's own keys
+        with the variant's merged settings (`variant_params`) in place of `common`, `modes` and `variants`."""
+        section = self.section(self.name)
+        if self.variant is None:
+            return section
+        shared = {k: v for k, v in section.items() if k not in ("common", "modes", "variants")}
+        return {**shared, **self.variant_params(self.name)[1]}
 
     @property
     def compute(self) -> ComputeConfig:
@@ -133,10 +151,36 @@ def stage_function(name: str) -> StageFn:
     return module.run
 
 
+def per_second(done: int, seconds: float) -> float | None:
+    """A throughput over the work this process did: None when it did none (e.g. it resumed a finished run)."""
+    return round(done / seconds, 1) if done and seconds > 0 else None
+
+
+def training_figures(resumed_from_step: int, steps: int, batch_size: int, seconds: float) -> dict[str, Any]:
+    """A training run's own figures: the step it resumed from, its time, and samples/s over the steps it did."""
+    return {"resumed_from_step": resumed_from_step, "train_s": round(seconds, 1),
+            "samples_per_s": per_second((steps - resumed_from_step) * batch_size, seconds)}
+
+
+def run_record_path(params: dict[str, Any], name: str, variant: str | None = None) -> Path | None:
+    """Where a stage run's summary goes: `<runs>/<stage>.json`, or `<runs>/<stage>/<variant>.json` for a
+    repeated stage; None when params name no `runs` directory."""
+    runs = params.get("runs")
+    if not runs:
+        return None
+    return Path(runs) / name / f"{variant}.json" if variant else Path(runs) / f"{name}.json"
+
+
 def run_stage(name: str, ctx: StageContext) -> dict[str, Any]:
+    """Run a stage; its summary (this run's figures: what it resumed, wall times, throughput, next to its
+    headline results) is returned and written as the run record. The run record differs from run to run,
+    so no stage depends on it; the stage's metrics, plots and other outs are reproducible."""
     start = time.perf_counter()
     summary = stage_function(name)(ctx) or {}
     summary.setdefault("wall_s", round(time.perf_counter() - start, 2))
+    record = run_record_path(ctx.params, name, ctx.variant)
+    if record is not None:
+        write_text(record, json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     return summary
 
 

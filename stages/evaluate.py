@@ -7,8 +7,8 @@ with that CLIP's (frozen) text tower. Images are cut into chunks that fan out th
 whose confusion matrices are summed.
 
 Writes
-- `<metrics>/<variant>.json`: {dataset: {branch: {mIoU, fwIoU, pACC, mACC, seen_mIoU, unseen_mIoU, hIoU,
-  images_per_s}, images_per_s}} (a branch's images_per_s: that branch alone; the set's: all three together);
+- `<metrics>/<variant>.json`: {dataset: {branch: {mIoU, fwIoU, pACC, mACC, seen_mIoU, unseen_mIoU, hIoU}}}
+  (images/s, of each branch alone and of all three together, are this run's figures: in the summary);
 - `<plots>/<variant>/per-class/<dataset>.csv` (class, seen, IoU per branch) and
   `<plots>/<variant>/confusion/<dataset>.csv` (the ensemble's `confusion_plot_rows`), one directory per
   kind so that dvc.yaml gives each kind its template once;
@@ -99,11 +99,12 @@ def evaluate_unit(spec_json: str, unit: tuple[str, int, int]) -> BranchResult:
 
 
 def metrics_entry(result: BranchResult, dataset: PreparedDataset) -> dict[str, Any]:
-    per_branch = result.metrics(dataset.classes, dataset.seen)
-    entry: dict[str, Any] = {b: {**m.to_dict(), "images_per_s": round(result.images_per_s(b), 2)}
-                             for b, m in per_branch.items()}
-    entry["images_per_s"] = round(result.images_per_s(), 2)
-    return entry
+    return {b: m.to_dict() for b, m in result.metrics(dataset.classes, dataset.seen).items()}
+
+
+def images_per_s(result: BranchResult) -> dict[str, float]:
+    """Each branch's images/s alone, and `all` three together."""
+    return {**{b: round(result.images_per_s(b), 2) for b in BRANCHES}, "all": round(result.images_per_s(), 2)}
 
 
 def per_class_rows(result: BranchResult, dataset: PreparedDataset) -> list[dict[str, Any]]:
@@ -154,12 +155,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.log.info("evaluate %s: %d sets, %d units of up to %d images", variant, len(loaded), len(units), chunk)
     parts = ctx.map(functools.partial(evaluate_unit, spec_json), units, desc=f"evaluate {variant}")
 
-    metrics, table = {}, []
+    metrics, speed, table = {}, {}, []
     plots_dir, pred_dir = Path(settings["plots"]) / variant, Path(settings["predictions"]) / variant
     with atomic_dir(plots_dir) as plots_tmp, atomic_dir(pred_dir) as pred_tmp:
         for name, dataset in loaded.items():
             result = BranchResult.merge([p for u, p in zip(units, parts) if u[0] == name])
             metrics[name] = metrics_entry(result, dataset)
+            speed[name] = images_per_s(result)
             write_csv(plots_tmp / "per-class" / f"{name}.csv", per_class_rows(result, dataset))
             write_csv(plots_tmp / "confusion" / f"{name}.csv",
                       confusion_plot_rows(result.confusion["ensemble"], dataset.classes))
@@ -170,7 +172,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     write_json(Path(settings["metrics"]) / f"{variant}.json", metrics)
     ctx.publish_table("scores", table, f"Zero-shot scores with CLIP variant {variant}")
     return {"variant": variant, **{f"{name}_{b}_mIoU": metrics[name][b]["mIoU"] for name in metrics for b in BRANCHES},
-            **{f"{name}_images_per_s": metrics[name]["images_per_s"] for name in metrics}}
+            **{f"{name}_images_per_s": speed[name]["all"] for name in speed}, "images_per_s": speed}
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.maskformer.model import load_model
 from ovseg_core.mining import Miner, MiningConfig
 from ovseg_core.shards import INDEX_FILE, completed_units, finalize_dataset, shard_name, stats_name
-from stages.common import StageContext, file_digest, main, resumable_dir
+from stages.common import StageContext, file_digest, main, per_second, resumable_dir
 
 
 def code_version() -> str:
@@ -137,16 +137,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summary["nouns_outside_training_vocabulary"] = len(nouns - vocabulary)
     summary["training_classes_mined"] = len(nouns & vocabulary)
     metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-    mined_images = sum(len(cfg.unit_images(u, len(dataset))) for u in todo)
-    # throughput of the work done in this run only (resumed units excluded)
-    metrics["images_per_s"] = round(mined_images / mine_s, 2) if mined_images else None
-    metrics["finalize_s"] = round(finalize_s, 1)
     write_json(Path(paths["metrics"]) / f"{variant}.json", metrics)
     rows = [{"key": k, "value": v} for k, v in summary.items() if isinstance(v, (int, float, str))]
     ctx.publish_table("card", rows, f"Mined pairs ({variant}); dataset card: {out}/README.md")
     card = (out / "README.md").read_text()
     ctx.publish_markdown("dataset-card", card, f"Dataset card of {out}")
-    return {"variant": variant, "units": num_units, "resumed_units": len(done), **metrics}
+    # this run's figures: the units it resumed, and its throughput over the units it mined
+    mined_images = sum(len(cfg.unit_images(u, len(dataset))) for u in todo)
+    return {"variant": variant, "units": num_units, "resumed_units": len(done), **metrics, "mine_s": round(mine_s, 1),
+            "images_per_s": per_second(mined_images, mine_s), "finalize_s": round(finalize_s, 1)}
 
 
 if __name__ == "__main__":

@@ -28,16 +28,18 @@ from ovseg_core.compute import ComputeConfig
 from ovseg_core.distributed import launch, process_rank
 from ovseg_core.clip.datasets import CaptionImageDataset, SegmentProbe, segment_probe
 from ovseg_core.datasets.prepared import CAPTIONS_FILE, DATASET_FILE, PreparedDataset
-from stages.common import StageContext, file_digest, main, resumable_dir
+from stages.common import StageContext, file_digest, main, resumable_dir, training_figures
 
 CLIP_FILE = "clip.pt"
 LOSS_FILE = "loss.json"
 LOSS_WINDOW = 20  # steps averaged into the reported final loss (one batch's loss is noisy)
 
 
-def train_process(p: dict[str, Any], checkpoints: str, compute: ComputeConfig) -> dict[str, Any] | None:
+def train_process(p: dict[str, Any], checkpoints: str, compute: ComputeConfig
+                  ) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """One training rank (or the only process): the seeded random init, then training on the caption
-    set; rank 0 writes the CLIP and returns the training metrics."""
+    set; rank 0 writes the CLIP and returns the training metrics and this run's figures (what it
+    resumed, its time and throughput: they differ from run to run, so they are no metrics)."""
     torch.set_num_threads(compute.cpu_threads())
     config = ClipTrainConfig(mode="pretrain", **p["train"])
     torch.manual_seed(int(p["train"].get("seed", 0)))  # the random initialisation
@@ -45,28 +47,24 @@ def train_process(p: dict[str, Any], checkpoints: str, compute: ComputeConfig) -
     data = CaptionImageDataset.for_model(PreparedDataset.load(p["data"]), bundle, p.get("captions_per_image"))
     t0 = time.perf_counter()
     result = train_clip(bundle, data, config, checkpoints, log_path=Path(p["plots"]) / LOSS_FILE, compute=compute)
-    wall = time.perf_counter() - t0
+    train_s = time.perf_counter() - t0
     if process_rank() != 0:
         return None
     save_clip(bundle, Path(p["out"]) / CLIP_FILE)
-    done_here = result.step - result.resumed_from_step
     tail = result.log[-LOSS_WINDOW:]
-    return {
+    metrics = {
         "images": data.num_images,
         "pairs": len(data),
         "steps": result.step,
-        "resumed_from_step": result.resumed_from_step,
         "train_samples": result.step * config.batch_size,
-        "train_wall_s": round(wall, 1),
-        # the steps this run did (none when it resumed a finished run)
-        "samples_per_s": round(done_here * config.batch_size / wall, 1) if done_here else None,
         "final_loss": round(sum(r["loss"] for r in tail) / len(tail), 4),
         "logit_scale": round(float(bundle.model.logit_scale.detach().exp()), 2),
     }
+    return metrics, training_figures(result.resumed_from_step, result.step, config.batch_size, train_s)
 
 
-def pretrain(p: dict[str, Any], compute: ComputeConfig) -> dict[str, Any] | None:
-    """Train from scratch on `compute.processes` ranks (launched here); rank 0's training metrics."""
+def pretrain(p: dict[str, Any], compute: ComputeConfig) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Train from scratch on `compute.processes` ranks (launched here); rank 0's `train_process` result."""
     data_root = Path(p["data"])
     checkpoints = resumable_dir(p["checkpoints"], {
         "arch": p["arch"], "captions_per_image": p.get("captions_per_image"), "train": p["train"],
@@ -99,12 +97,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     out, plots = Path(p["out"]), Path(p["plots"])
     plots.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    run_figures: dict[str, Any] = {}
     if p.get("pretrained") is None:
         trained = pretrain(p, compute)
         if trained is None:
             ctx.log.info("this node ran no rank 0: node 0 writes the CLIP and metrics")
             return {}
-        metrics: dict[str, Any] = {"source": "trained", **trained}
+        metrics: dict[str, Any] = {"source": "trained", **trained[0]}
+        run_figures = trained[1]
         placement = compute.placement()
         bundle = load_clip(p["arch"], out / CLIP_FILE, device=placement.device)
     else:
@@ -115,7 +115,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         save_clip(bundle, out / CLIP_FILE)
         metrics = {"source": "pretrained"}
     metrics["parameters"] = sum(t.numel() for t in bundle.model.parameters())
-    metrics["stage_train_s"] = round(time.perf_counter() - t0, 1)
+    run_figures["stage_train_s"] = round(time.perf_counter() - t0, 1)
     metrics |= {"processes": compute.world_size, **placement.describe()}
 
     probe_cfg = p.get("probe") or {}
@@ -128,8 +128,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             metrics |= probe_metrics(bundle, probe)
     write_json(p["metrics"], metrics)
     ctx.publish_table("metrics", [{"key": k, "value": v} for k, v in metrics.items()],
-                      "CLIP pretraining: throughput and zero-shot accuracy (%) of whole scenes, boxes, masked crops")
-    return metrics
+                      "CLIP pretraining: zero-shot accuracy (%) of whole scenes, boxes, masked crops")
+    return {**metrics, **run_figures}
 
 
 if __name__ == "__main__":

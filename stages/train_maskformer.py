@@ -28,13 +28,14 @@ from ovseg_core.maskformer.data import SemanticDataset
 from ovseg_core.maskformer.model import OpenVocabMaskFormer, build_model, load_model, preset_config, save_model
 from ovseg_core.maskformer.train import TrainConfig, train
 from ovseg_core.metrics import evaluate_dataset
-from stages.common import StageContext, main
+from stages.common import StageContext, main, training_figures
 
 MODEL_FILE = "model.pt"
 
 
 def maskformer_only_miou(model: OpenVocabMaskFormer, prepared: PreparedDataset, text: torch.Tensor, max_images: int,
-                         placement: Placement) -> dict[str, Any]:
+                         placement: Placement) -> tuple[dict[str, Any], float]:
+    """The scores and images/s of MaskFormer alone on `prepared`'s first `max_images` images."""
     model.set_vocabulary(text.to(placement.device))
 
     def predict(image):
@@ -43,12 +44,13 @@ def maskformer_only_miou(model: OpenVocabMaskFormer, prepared: PreparedDataset, 
 
     metrics, _, ips = evaluate_dataset(prepared.head(max_images), predict,
                                        progress_desc=f"maskformer-only {prepared.name}")
-    return {**metrics.to_dict(), "images_per_s": round(ips, 1)}
+    return metrics.to_dict(), round(ips, 1)
 
 
-def train_process(p: dict[str, Any], compute: ComputeConfig) -> dict[str, Any] | None:
+def train_process(p: dict[str, Any], compute: ComputeConfig) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """One training rank (or the only process): builds the model as every rank must, trains it; rank 0
-    writes the model and returns the training figures."""
+    writes the model and returns the training metrics and this run's figures (what it resumed, its time
+    and throughput: they differ from run to run, so they are no metrics)."""
     torch.set_num_threads(compute.cpu_threads())
     dataset = PreparedDataset.load(p["dataset"])
     clip = load_clip(p["clip_arch"], p["clip"])
@@ -58,13 +60,14 @@ def train_process(p: dict[str, Any], compute: ComputeConfig) -> dict[str, Any] |
     torch.manual_seed(cfg.seed)  # the random initialisation: the same params give the same model
     model = build_model(net, text, backbone_weights=p.get("backbone_weights"))
     t0 = time.perf_counter()
-    log = train(model, SemanticDataset(dataset), cfg, p["checkpoints"], log_path=p["plots"], compute=compute)
+    result = train(model, SemanticDataset(dataset), cfg, p["checkpoints"], log_path=p["plots"], compute=compute)
     train_s = time.perf_counter() - t0
     if process_rank() != 0:
         return None
     save_model(Path(p["out"]) / MODEL_FILE, model, meta={"classes": dataset.classes, "clip": p["clip"],
                                                         "preset": p["preset"], "train": p["train"]})
-    return {"train_s": round(train_s, 1), "final_loss": log[-1]["loss"] if log else None}
+    return ({"final_loss": result.log[-1]["loss"] if result.log else None},
+            training_figures(result.resumed_from_step, cfg.steps, cfg.batch_size, train_s))
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -80,18 +83,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
     dataset = PreparedDataset.load(p["dataset"])
     clip = load_clip(p["clip_arch"], p["clip"], device=placement.device)
     n = int(p.get("eval_images", 200))
-    metrics: dict[str, Any] = {
-        "steps": int(p["train"]["steps"]), **trained, "processes": compute.world_size, **placement.describe(),
-        "parameters": sum(q.numel() for q in model.parameters()),
-        "train_split": maskformer_only_miou(model, dataset, text_features(clip, dataset.classes), n, placement),
-    }
-    for name in p.get("heldout") or []:
-        held = PreparedDataset.load(name)
-        metrics[held.name] = maskformer_only_miou(model, held, text_features(clip, held.classes), n, placement)
+    metrics, run_figures = trained
+    sets = [("train_split", dataset), *((d.name, d) for d in map(PreparedDataset.load, p.get("heldout") or []))]
+    scores, ips = {}, {}
+    for key, ds in sets:
+        scores[key], ips[key] = maskformer_only_miou(model, ds, text_features(clip, ds.classes), n, placement)
+    metrics = {"steps": int(p["train"]["steps"]), **metrics, "processes": compute.world_size, **placement.describe(),
+               "parameters": sum(q.numel() for q in model.parameters()), **scores}
+    run_figures["eval_images_per_s"] = ips
     write_json(p["metrics"], metrics)
     ctx.publish_table("metrics", [{"split": k, **v} for k, v in metrics.items() if isinstance(v, dict)],
                       "MaskFormer-only segmentation after training")
-    return {"steps": metrics["steps"], "train_s": metrics["train_s"], "train_mIoU": metrics["train_split"]["mIoU"]}
+    return {"steps": metrics["steps"], "train_mIoU": metrics["train_split"]["mIoU"], **run_figures}
 
 
 if __name__ == "__main__":

@@ -195,8 +195,8 @@ def test_evaluate_stage_writes_metrics_plots_and_predictions(stage_repo, segment
 
     summary = run(StageContext("evaluate", stage_repo, "mpt"))
     metrics = json.loads(Path("metrics/evaluate/mpt.json").read_text())
-    assert set(metrics) == {"toy"} and set(metrics["toy"]) == {*BRANCHES, "images_per_s"}
-    assert metrics["toy"]["images_per_s"] > 0 and summary["toy_images_per_s"] == metrics["toy"]["images_per_s"]
+    assert set(metrics) == {"toy"} and set(metrics["toy"]) == set(BRANCHES)  # scores only: they reproduce
+    assert summary["toy_images_per_s"] == summary["images_per_s"]["toy"]["all"] > 0  # the run's own figures
     # the stage's numbers are the library's on the same models and set (chunks of 3 + 1 merged)
     dataset = PreparedDataset.load("data/toy/prepared")
     direct = evaluate_branches(segmenter, dataset, 0.6).metrics(dataset.classes, dataset.seen)
@@ -215,9 +215,7 @@ def test_evaluate_stage_writes_metrics_plots_and_predictions(stage_repo, segment
 
     run(StageContext("evaluate", stage_repo, "original"))  # the plain pretrained checkpoint as a variant
     original = json.loads(Path("metrics/evaluate/original.json").read_text())
-    assert original["toy"]["maskformer"] == {**metrics["toy"]["maskformer"],
-                                            "images_per_s": original["toy"]["maskformer"]["images_per_s"]}
-    assert original["toy"]["clip"] != metrics["toy"]["clip"]  # no mask prompts
+    assert original["toy"]["maskformer"] == metrics["toy"]["maskformer"]
 
 
 def test_sweep_stage_writes_the_grid_and_the_best_cell(stage_repo, segmenter):

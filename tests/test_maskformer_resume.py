@@ -86,11 +86,11 @@ def test_checkpoint_of_another_run_is_not_resumed(tmp_path):
     cfg = TrainConfig(steps=2, batch_size=2, lr=1e-3, weight_decay=0.0, crop_size=32, checkpoint_every=1)
     train(build_model(net, class_text(4)), ds, cfg, tmp_path / "ckpt")
     # Same steps, other learning rate: a different run, so it starts again from step 1.
-    rows = train(build_model(net, class_text(4)), ds, TrainConfig(**{**cfg.__dict__, "lr": 5e-4}), tmp_path / "ckpt")
-    assert [r["step"] for r in rows] == [1, 2]
+    other = train(build_model(net, class_text(4)), ds, TrainConfig(**{**cfg.__dict__, "lr": 5e-4}), tmp_path / "ckpt")
+    assert [r["step"] for r in other.log] == [1, 2] and other.resumed_from_step == 0
     # The same run again: already complete, nothing to do.
-    assert [r["step"] for r in train(build_model(net, class_text(4)), ds, TrainConfig(**{**cfg.__dict__, "lr": 5e-4}),
-                                     tmp_path / "ckpt")] == [1, 2]
+    again = train(build_model(net, class_text(4)), ds, TrainConfig(**{**cfg.__dict__, "lr": 5e-4}), tmp_path / "ckpt")
+    assert [r["step"] for r in again.log] == [1, 2] and again.resumed_from_step == 2
 
 
 def test_dataloader_workers_do_not_change_the_result(tmp_path):

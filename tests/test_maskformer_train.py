@@ -22,7 +22,7 @@ def test_tiny_model_overfits_a_handful_of_images(tmp_path):
     model = build_model(preset_config("tiny"), class_text(len(CLASSES)))
     cfg = TrainConfig(steps=150, batch_size=4, lr=1e-3, weight_decay=1e-4, crop_size=64, scale_range=(1.0, 1.0),
                       flip=False, checkpoint_every=1000)
-    rows = train(model, ds, cfg, tmp_path / "ckpt", tmp_path / "loss.csv")
+    rows = train(model, ds, cfg, tmp_path / "ckpt", tmp_path / "loss.csv").log
 
     losses = [r["loss"] for r in rows]
     assert len(rows) == 150 and [r["step"] for r in rows] == list(range(1, 151))

@@ -87,7 +87,7 @@ def test_bf16_maskformer_training_follows_the_fp32_losses(tmp_path):
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
         model = build_model(preset_config("tiny", num_queries=8, decoder_layers=2), class_text(4))
-        rows = train(model, data, cfg, tmp_path / precision, compute=ComputeConfig(device="cpu", precision=precision))
+        rows = train(model, data, cfg, tmp_path / precision, compute=ComputeConfig(device="cpu", precision=precision)).log
         losses[precision] = [row["loss"] for row in rows]
         assert all(p.dtype == torch.float32 for p in model.parameters())
     for step, (a, b) in enumerate(zip(losses["fp32"], losses["bf16"])):

@@ -66,6 +66,22 @@ def run_in_process(params: dict[str, Any], run: Callable[[], dict[str, Any]] | N
         torch.set_num_threads(threads)
 
 
+def kill_when_a_unit_is_complete(cmd: list[str], work: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    """Run the mining command `cmd` until its first unit is complete in `work`, then kill -9 it."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not list(work.glob("*.stats.json")):
+                assert proc.poll() is None, f"the stage ended before a unit was complete; see {log_path}"
+                assert time.monotonic() < deadline, "no unit completed in time"
+                time.sleep(0.01)
+        finally:
+            proc.kill()  # SIGKILL: no clean-up code runs
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_mined, mine_params, tmp_path):
     params = mine_params(tmp_path)  # the settings tiny_mined used, other directories
     units = tiny_mined.summary["units"]
@@ -75,18 +91,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_mined, mine_params,
     work = tmp_path / "work" / VARIANT
     out = tmp_path / "mined" / VARIANT
 
-    with open(tmp_path / "killed.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-            while not list(work.glob("*.stats.json")):  # until the first unit is complete
-                assert proc.poll() is None, f"the stage ended before a unit was complete; see {log.name}"
-                assert time.monotonic() < deadline, "no unit completed in time"
-                time.sleep(0.01)
-        finally:
-            proc.kill()  # SIGKILL: no clean-up code runs
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_a_unit_is_complete(cmd, work, tmp_path / "killed.log")
     kept = stats_mtimes(work)
     assert 1 <= len(kept) < units and not out.exists()
 

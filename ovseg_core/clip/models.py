@@ -21,7 +21,7 @@ from huggingface_hub.constants import HF_HUB_CACHE
 from open_clip.constants import HF_WEIGHTS_NAME
 from open_clip.pretrained import _get_safe_alternatives
 
-from ..atomic import atomic_file
+from ..atomic import write_torch
 from ..errors import DataError, MissingWeightsError
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -212,6 +212,5 @@ def save_clip(bundle: ClipBundle, path: str | Path) -> Path:
             "preprocess_cfg": {k: bundle.model.visual.preprocess_cfg[k] for k in _PREPROCESS_KEYS},
         },
     }
-    with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
+    write_torch(path, payload)
     return path

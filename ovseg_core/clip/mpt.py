@@ -21,7 +21,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..atomic import atomic_file
+from ..atomic import write_torch
 from ..errors import DataError
 from .models import ClipBundle
 
@@ -161,8 +161,7 @@ def save_prompts(prompts: MaskPrompts, path: str | Path, arch: str | None = None
     """Write the prompts alone (not CLIP's weights), atomically."""
     path = Path(path)
     payload = {"mask_embedding": prompts.mask_embedding.detach().cpu(), "arch": arch}
-    with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
+    write_torch(path, payload)
     return path
 
 

@@ -30,7 +30,7 @@ from transformers.models.maskformer.modeling_maskformer import (
     MaskformerMLPPredictionHead,
 )
 
-from ..atomic import atomic_file
+from ..atomic import write_torch
 from ..errors import DataError, MissingWeightsError
 
 # ImageNet statistics in 0..255, the normalisation of MaskFormer's (and its backbones') training.
@@ -335,8 +335,7 @@ def save_model(path: str | Path, model: OpenVocabMaskFormer, meta: dict[str, Any
     model = getattr(model, "module", model)
     payload = {"format": MODEL_FORMAT, "net": asdict(model.net), "meta": meta or {},
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
+    write_torch(path, payload)
     return Path(path)
 
 

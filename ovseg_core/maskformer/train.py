@@ -20,12 +20,10 @@ processes and copied to the GPU from pinned memory.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..atomic import write_text
+from ..atomic import write_csv
 from ..compute import ComputeConfig
 from ..distributed import init_distributed, shutdown
 from ..progress import Progress
@@ -49,6 +47,12 @@ from .targets import semantic_targets
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ("step", "loss", "loss_cross_entropy", "loss_mask", "loss_dice", "grad_norm", "lr")
+
+
+@dataclass
+class TrainResult:
+    resumed_from_step: int  # steps already done (in the checkpoint) when this call started
+    log: list[dict[str, float]] = field(default_factory=list)  # rank 0: one row per step, LOG_FIELDS
 
 
 @dataclass(frozen=True)
@@ -138,14 +142,6 @@ def seeded_rng(seed: list[int], device: torch.device) -> Iterator[None]:
         yield
 
 
-def write_log(path: Path, rows: list[dict[str, float]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
-
-
 def run_fingerprint(model: OpenVocabMaskFormer, cfg: TrainConfig, num_items: int, slices: int) -> str:
     """What decides the weights: the recipe, architecture, vocabulary, data size and the batch's split
     into micro-batches (not the number of processes sharing them, nor checkpointing)."""
@@ -156,10 +152,11 @@ def run_fingerprint(model: OpenVocabMaskFormer, cfg: TrainConfig, num_items: int
 
 
 def train(model: OpenVocabMaskFormer, dataset: SemanticDataset, cfg: TrainConfig, checkpoint_dir: str | Path,
-          log_path: str | Path | None = None, compute: ComputeConfig | None = None) -> list[dict[str, float]]:
+          log_path: str | Path | None = None, compute: ComputeConfig | None = None) -> TrainResult:
     """Train `model` (in place) for cfg.steps steps on `compute`'s device and precision, resuming from
     `checkpoint_dir` when it holds a checkpoint of the same run. The vocabulary of `model` must follow
-    the dataset's class order. Returns the per-step log (rank 0; other ranks return an empty list)."""
+    the dataset's class order. Returns the per-step log (rank 0; other ranks get an empty one) and the step
+    this call resumed from."""
     compute = compute or ComputeConfig()
     if model.num_classes != len(dataset.classes):
         raise ValueError(f"model vocabulary has {model.num_classes} classes, dataset {len(dataset.classes)}")
@@ -227,13 +224,13 @@ def train(model: OpenVocabMaskFormer, dataset: SemanticDataset, cfg: TrainConfig
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     save_checkpoint(checkpoint_dir, done, state, extra={"fingerprint": run_id, "log": rows})
                     if log_path is not None:
-                        write_log(Path(log_path), rows)
+                        write_csv(log_path, rows, LOG_FIELDS)
         if ctx.is_main and log_path is not None and start == cfg.steps:
-            write_log(Path(log_path), rows)  # already complete: still (re)write the log output
+            write_csv(log_path, rows, LOG_FIELDS)  # already complete: still (re)write the log output
         if ctx.world_size > 1:
             dist.barrier()  # every rank returns only once rank 0 has written its files
     finally:
         if progress is not None:
             progress.close()
         shutdown(ctx)
-    return rows
+    return TrainResult(resumed_from_step=start, log=rows)

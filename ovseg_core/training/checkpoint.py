@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_file
+from ..atomic import write_torch
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -52,8 +52,7 @@ def save_checkpoint(
         "rng": rng_state(),
         "extra": extra or {},
     }
-    with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
+    write_torch(path, payload)
     return path
 
 

@@ -1,0 +1,96 @@
+"""What a user meets in the Prefect UI after a crash: a stage killed with kill -9 (here `mine`, as DVC runs it,
+against a real local Prefect server) is left Running by Prefect; the rerun marks it Crashed, saying its
+process is gone, finishes the work as a Completed run, and reports what it resumed. Every stage run shows
+its effective settings as flow run parameters, and its task runs are named after the stage and the unit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from test_pipeline_e2e import free_port
+from test_stage_mine import kill_when_a_unit_is_complete
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANT = "proposals-nouns"
+FLOW = f"mine-{VARIANT}"
+
+
+def api_runs(api_url: str) -> list[dict[str, Any]]:
+    """Every flow run of the mining variant, oldest first, with its task runs' names and states."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW])),
+                                     sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+        return [{"id": r.id, "state": r.state_type.value, "message": r.state.message if r.state else None,
+                 "parameters": r.parameters, "tags": r.tags,
+                 "tasks": sorted((t.name, t.state_type.value) for t in client.read_task_runs(
+                     flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id]))))}
+                for r in runs]
+
+
+@pytest.fixture(scope="module")
+def killed_and_rerun(mine_params, tmp_path_factory):
+    """Start `python -m flows.stage mine` against a fresh server, kill -9 it once a unit is complete, read the
+    runs Prefect then holds, rerun to the end; returns (runs after the kill, runs after the rerun, the rerun's
+    run record, units complete at the kill)."""
+    base = tmp_path_factory.mktemp("prefect-runs")
+    params = {**mine_params(base, images_per_unit=2), "runs": str(base / "runs")}
+    (base / "params.yaml").write_text(yaml.safe_dump(params))
+    state = base / "state"
+    env = dict(os.environ, OVSEG_STATE_DIR=str(state), PREFECT_HOME=str(state / "prefect"), PYTHONPATH=str(ROOT))
+    env.pop("PREFECT_API_URL", None)
+    port = free_port()
+    subprocess.run([sys.executable, "-m", "flows.server", "start", "--port", str(port)], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    api_url = env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    cmd = [sys.executable, "-m", "flows.stage", "mine", "--variant", VARIANT, "--params", str(base / "params.yaml")]
+    work = base / "work" / VARIANT
+    try:
+        kill_when_a_unit_is_complete(cmd, work, base / "killed.log", env)
+        kept = len(list(work.glob("*.stats.json")))
+        after_kill = api_runs(api_url)
+        rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stderr[-4000:]
+        record = json.loads((base / "runs" / "mine" / f"{VARIANT}.json").read_text())
+        yield after_kill, api_runs(api_url), record, kept
+    finally:
+        subprocess.run([sys.executable, "-m", "flows.server", "stop"], cwd=ROOT, env=env, capture_output=True)
+
+
+def test_stage_run_carries_its_settings_and_names_task_runs_by_unit(killed_and_rerun):
+    _, runs, record, kept = killed_and_rerun
+    rerun = runs[-1]
+    params = rerun["parameters"]
+    assert params["variant"] == VARIANT
+    settings = params["settings"]  # mine's section with common ⊕ the variant's settings merged in
+    assert settings["images_per_unit"] == 2 and settings["masks"] == "proposals" and "dataset" in settings
+    assert "variants" not in settings and "common" not in settings
+    assert params["compute"]["threads"] == 1
+    # the rerun mined only the units the killed run had not completed, each a task run named after it
+    units = record["units"]
+    names = [name for name, _ in rerun["tasks"]]
+    assert len(names) == units - kept and set(names) <= {f"mine@{VARIANT} unit {u}" for u in range(units)}
+
+
+def test_killed_run_is_crashed_and_the_rerun_completed(killed_and_rerun):
+    after_kill, runs, record, kept = killed_and_rerun
+    assert [r["state"] for r in after_kill] == ["RUNNING"]  # what Prefect alone shows after a kill -9
+    assert {t.split("-")[0] for t in after_kill[0]["tags"]} >= {"host", "pid"}
+    assert [r["id"] for r in runs] == [after_kill[0]["id"], runs[1]["id"]]
+    old, new = runs
+    assert old["state"] == "CRASHED" and "is gone" in old["message"] and str(new["id"]) in old["message"]
+    assert "RUNNING" not in {state for _, state in old["tasks"]}  # its unfinished units crashed with it
+    assert new["state"] == "COMPLETED"
+    assert record["resumed_units"] == kept and record["units"] > kept  # the rerun says what it resumed
