@@ -106,18 +106,23 @@ def slice_params(base: dict[str, Any], clone: Path, name: str, units: int, **pre
     return path
 
 
-def full_run(args: argparse.Namespace) -> dict[str, Any]:
-    clone = args.clone.resolve()
+def new_run(clone: Path) -> tuple[Path, dict[str, Any]]:
+    """A new directory for a run's clone (an existing one is refused) and the run's record, no steps yet."""
+    clone = clone.resolve()
     if clone.exists():
         raise SystemExit(f"{clone} exists: give a new directory")
-    record: dict[str, Any] = {
+    return clone, {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{measure.cpu_name()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "machine": measure.machine(),
         "command": "python -m scripts.bench_coco_size " + " ".join(sys.argv[1:]),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                  text=True).stdout.strip(),
         "steps": {},
     }
+
+
+def full_run(args: argparse.Namespace) -> dict[str, Any]:
+    clone, record = new_run(args.clone)
     run = Run(record)
     git("clone", "-q", str(REPO), str(clone), cwd=REPO.parent)
     run.step("nltk data", ["bash", "scripts/install_nltk_data.sh"], clone)
@@ -212,15 +217,7 @@ def full_run(args: argparse.Namespace) -> dict[str, Any]:
 
 def linearity(args: argparse.Namespace) -> dict[str, Any]:
     """world and prepare of the profile at each of `args.sizes` COCO images, one after another in one clone."""
-    clone = args.clone.resolve()
-    if clone.exists():
-        raise SystemExit(f"{clone} exists: give a new directory")
-    record: dict[str, Any] = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{measure.cpu_name()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "command": "python -m scripts.bench_coco_size " + " ".join(sys.argv[1:]),
-        "steps": {},
-    }
+    clone, record = new_run(args.clone)
     run = Run(record)
     git("clone", "-q", str(REPO), str(clone), cwd=REPO.parent)
     run.step("nltk data", ["bash", "scripts/install_nltk_data.sh"], clone)

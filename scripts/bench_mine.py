@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import psutil
 import yaml
 
 from scripts import measure
@@ -104,8 +103,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "date": datetime.date.today().isoformat(),
-            "machine": f"{measure.cpu_name()}, {os.cpu_count()} cores, "
-                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU used",
+            "machine": f"{measure.machine()}, no GPU used",
             "command": "python -m scripts.bench_mine " + " ".join(sys.argv[1:]),
             "measured": "best of the rounds by process wall time; peak RSS = sum over the stage's process tree",
             "results": summary,

@@ -77,3 +77,8 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """What a benchmark record says it ran on: CPU model, cores, memory."""
+    return f"{cpu_name()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
