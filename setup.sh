@@ -19,8 +19,16 @@ fi
 stamp=.venv/.ovseg-installed
 want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+  # pip's and setuptools' chatter (build-backend notices, this machine's index warnings) goes to a log that
+  # is shown only when the install fails
+  log=.venv/pip-install.log
+  echo "setup.sh: installing the dependencies into .venv (a few minutes; pip's output: $log)"
+  if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+         .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'; } > "$log" 2>&1; then
+    cat "$log" >&2
+    echo "setup.sh: pip install failed (output above, also in $log)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 bash scripts/install_nltk_data.sh

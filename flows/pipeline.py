@@ -5,8 +5,9 @@
     python -m flows.pipeline --no-server     # Prefect's ephemeral mode, no UI
     python -m flows.pipeline -- mine         # extra arguments go to dvc repro (targets, --force, ...)
 
-DVC owns the DAG: this flow never lists stages itself; every stage `dvc repro` runs reports to
-Prefect as its own flow run, tagged with this run's id.
+DVC owns the DAG: this flow never lists stages itself. Every stage `dvc repro` runs reports to Prefect as a
+subflow run of this flow run (tagged with its id); a stage it skips as up to date is shown as a Skipped task
+run (`flows.pipeline_view`), so the driver's run page is the pipeline, stage by stage in DAG order.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 from uuid import UUID
 
 import flows  # noqa: F401
@@ -38,13 +40,14 @@ def headline(report: Path = REPORT) -> str:
     return "\n".join(lines) or f"(no table in {report})"
 
 
-def run_logged(cmd: list[str], logger) -> int:
+def run_logged(cmd: list[str], logger, on_line: Callable[[str], Any] = lambda line: None) -> int:
     logger.info("$ %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     assert proc.stdout is not None
     for line in proc.stdout:
         sys.stdout.write(line)
         sys.stdout.flush()
+        on_line(line)
     return proc.wait()
 
 
@@ -71,16 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.runtime import flow_run
 
     from flows.orphans import crash_orphaned_runs, process_tags
+    from flows.pipeline_view import PIPELINE_RUN_ENV, record_not_run
 
     dvc = str(Path(sys.executable).with_name("dvc"))
 
     @flow(name="ovseg-pipeline", log_prints=True, persist_result=False)
     def pipeline() -> dict[str, float]:
         logger = get_run_logger()
-        crash_orphaned_runs("ovseg-pipeline", UUID(flow_run.get_id()), logger)
-        os.environ["OVSEG_PIPELINE_RUN"] = str(flow_run.get_id())
+        this_run = UUID(flow_run.get_id())
+        crash_orphaned_runs("ovseg-pipeline", this_run, logger)
+        os.environ[PIPELINE_RUN_ENV] = str(this_run)
         t0 = time.perf_counter()
-        if run_logged([dvc, "repro", *args.repro_args], logger) != 0:
+        if run_logged([dvc, "repro", *args.repro_args], logger, lambda line: record_not_run(line, this_run)) != 0:
             raise RuntimeError("dvc repro failed (see the failed stage's flow run)")
         timings = {"repro_s": round(time.perf_counter() - t0, 1)}
         if args.push:

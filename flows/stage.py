@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import re
 import sys
 from typing import Any, Callable, Iterable, TypeVar
@@ -30,6 +29,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from flows.orphans import crash_orphaned_runs, process_tags
+from flows.pipeline_view import pipeline_run, run_nested
 from ovseg_core import progress
 from ovseg_core.compute import ComputeConfig
 from stages.common import PARAMS_FILE, StageContext, load_params, run_stage
@@ -153,7 +153,8 @@ class ProgressArtifacts:
 
 def stage_flow(name: str, params: dict[str, Any], variant: str | None = None) -> Callable[[], dict[str, Any]]:
     """The stage as a Prefect flow named after it, called with its effective settings as the flow run's
-    parameters (shown in the UI): the variant, the stage's merged params section and its compute settings."""
+    parameters (shown in the UI): the variant, the stage's merged params section and its compute settings.
+    Started by the driver flow, it runs as a subflow run of the driver's (`flows.pipeline_view`)."""
     cfg = params.get("prefect", {})
     ctx = PrefectStageContext(name, params, variant)
     label = ctx.label
@@ -180,7 +181,11 @@ def stage_flow(name: str, params: dict[str, Any], variant: str | None = None) ->
     compute = ctx.compute
     stage = flow(name=label, log_prints=True, retries=0, task_runner=task_runner(cfg, compute),
                  persist_result=False)(body)
-    return functools.partial(stage, variant=variant, settings=ctx.settings(), compute=dataclasses.asdict(compute))
+    parameters = {"variant": variant, "settings": ctx.settings(), "compute": dataclasses.asdict(compute)}
+    pipeline = pipeline_run()
+    if pipeline:
+        return functools.partial(run_nested, stage, parameters, pipeline)
+    return functools.partial(stage, **parameters)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,8 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     params = load_params(args.params)
     run_tags = ["ovseg", f"stage-{args.name}", *process_tags()]
-    if os.environ.get("OVSEG_PIPELINE_RUN"):
-        run_tags.append(f"pipeline-{os.environ['OVSEG_PIPELINE_RUN'][:8]}")
+    if pipeline_run():
+        run_tags.append(f"pipeline-{str(pipeline_run())[:8]}")
     with tags(*run_tags):
         summary = stage_flow(args.name, params, args.variant)()
     json.dump(summary, sys.stdout, indent=2, default=str)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import json
 import os
 import shutil
@@ -20,6 +21,13 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def _remove_leftovers(path: Path, suffix: str) -> None:
+    """Temporaries of earlier writes of `path` that a killed process (kill -9, OOM) left beside it. Each file here
+    has one writer (the stage that owns it), so any other temporary of the same target is such a leftover."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*{suffix}"):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
@@ -32,6 +40,7 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+        _remove_leftovers(path, f".tmp{suffix}")
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -54,6 +63,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _remove_leftovers(path, ".tmp")
+        shutil.rmtree(path.with_name(f".{path.name}.old"), ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

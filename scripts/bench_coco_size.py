@@ -142,7 +142,7 @@ def full_run(args: argparse.Namespace) -> dict[str, Any]:
     complete_at_kill = sorted(int(p.name[6:12]) for p in work.glob("*.stats.json"))
     record["kill"] = {"returncode": killed.returncode, "units": units, "complete_at_kill": len(complete_at_kill)}
     run.step("dvc repro mine (resumed)", ["dvc", "repro", f"mine@{VARIANT}"], clone)
-    metrics = json.loads((clone / params["mine"]["metrics"] / f"{VARIANT}.json").read_text())
+    metrics = json.loads((clone / params["mine"]["metrics"] / "details" / f"{VARIANT}.json").read_text())
     resumed = json.loads((clone / params["runs"] / "mine" / f"{VARIANT}.json").read_text())  # its run record
     out = clone / params["mine"]["out"] / VARIANT
     record["mined"] = {"images": images, "units": units, **metrics,

@@ -4,7 +4,8 @@ server holds: the stage flow runs, their states and their artifacts.
     .venv/bin/python -m scripts.check_prefect_ui [--out .ovseg/ui]
 
 Starts the project's local Prefect server if it is not running (flows.server), screenshots the
-runs and artifacts pages, and prints the flow runs and artifacts read back from the API. Needs
+runs and artifacts pages, the latest driver run (`ovseg-pipeline`: the stages nested under it), one stage's run
+page and its Parameters tab, and prints the flow runs and artifacts read back from the API. Needs
 Debian's `chromium` package (`apt-get install chromium`).
 """
 from __future__ import annotations
@@ -32,6 +33,11 @@ def screenshot(url: str, out: Path, chromium: str) -> None:
              f"--user-data-dir={profile}", "--virtual-time-budget=25000", "--window-size=1400,1600",
              f"--screenshot={out}", url],
             check=True, capture_output=True, timeout=120)
+
+
+def latest_completed(runs: list, flow_names: dict, flow: str):
+    completed = [r for r in runs if r.state_name == "Completed" and flow_names.get(r.flow_id) == flow]
+    return max(completed, key=lambda r: r.start_time or r.created) if completed else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,10 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pages = dict(PAGES)
-    completed = [r for r in runs if r.state_name == "Completed" and flow_names.get(r.flow_id) == args.flow_run_of]
-    if completed:  # one stage's own page: its task runs on a timeline, and its logs
-        latest = max(completed, key=lambda r: r.start_time or r.created)
-        pages[f"flow-run-{args.flow_run_of}"] = f"/runs/flow-run/{latest.id}"
+    stage_run = latest_completed(runs, flow_names, args.flow_run_of)
+    if stage_run:  # one stage's own page: its task runs on a timeline, its logs; and the settings it ran with
+        pages[f"flow-run-{args.flow_run_of}"] = f"/runs/flow-run/{stage_run.id}"
+        pages[f"flow-run-{args.flow_run_of}-parameters"] = f"/runs/flow-run/{stage_run.id}?tab=Parameters"
+    driver_run = latest_completed(runs, flow_names, "ovseg-pipeline")
+    if driver_run:  # the pipeline view: the driver's run with the stages nested under it
+        pages["pipeline"] = f"/runs/flow-run/{driver_run.id}?tab=Subflow%20Runs"
     for name, path in pages.items():
         target = out / f"{name}.png"
         screenshot(f"{ui}{path}", target, chromium)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ovseg_core.atomic import atomic_dir, write_json
+from ovseg_core.atomic import atomic_dir
 from ovseg_core.clip.adapted import load_adapted, weights_file, write_adapted
 from ovseg_core.clip.models import save_clip
 from ovseg_core.clip.mpt import save_prompts
@@ -29,7 +29,7 @@ from ovseg_core.compute import ComputeConfig
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.distributed import launch, process_rank
 from ovseg_core.errors import DataError
-from stages.common import StageContext, file_digest, main, resumable_dir, training_figures
+from stages.common import StageContext, file_digest, main, resumable_dir, training_figures, write_metrics
 
 TRAIN_KEYS = {f for f in ClipTrainConfig.__dataclass_fields__}
 
@@ -94,7 +94,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     probe = probe_metrics(adapted, PreparedDataset.load(paths["probe_dataset"]), int(paths.get("probe_images", 100)),
                           placement=placement)
     metrics = {**trained[0], "processes": compute.world_size, **placement.describe(), **probe}
-    write_json(Path(paths["metrics"]) / f"{variant}.json", metrics)
+    write_metrics(Path(paths["metrics"]) / f"{variant}.json",
+                  {k: metrics[k] for k in ("final_loss", "masked_acc", "masked_acc_unseen") if k in metrics}, metrics)
     ctx.publish_table("metrics", [{"key": k, "value": v} for k, v in metrics.items()],
                       f"CLIP adaptation {variant}")
     return {"variant": variant, **metrics, **trained[1]}

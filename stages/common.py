@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import yaml
 
-from ovseg_core.atomic import write_text
+from ovseg_core.atomic import write_json, write_text
 from ovseg_core.compute import ComputeConfig
 from ovseg_core.progress import Progress
 
@@ -144,6 +144,19 @@ def file_digest(path: str | Path) -> str:
 
 
 StageFn = Callable[[StageContext], dict[str, Any]]
+
+
+def details_path(metrics: str | Path) -> Path:
+    """Where every number of a stage's metrics lives: `metrics/evaluate/ft.json` -> `metrics/evaluate/details/ft.json`."""
+    metrics = Path(metrics)
+    return metrics.parent / "details" / metrics.name
+
+
+def write_metrics(path: str | Path, headline: dict[str, Any], details: dict[str, Any]) -> None:
+    """The stage's DVC `metrics:` file gets its headline numbers only, so that `dvc metrics show` and `dvc exp show`
+    compare runs in one screen; all numbers go to `details_path(path)` (an uncached out, read by the report)."""
+    write_json(details_path(path), details)
+    write_json(path, headline)
 
 
 def stage_function(name: str) -> StageFn:

@@ -36,7 +36,7 @@ from ovseg_core.evaluation import BRANCHES, BranchResult, BranchSegmenter, evalu
 from ovseg_core.maskformer.model import load_model
 from ovseg_core.metrics import confusion_plot_rows
 from ovseg_core.visualize import save_label_png
-from stages.common import StageContext, main
+from stages.common import StageContext, main, write_metrics
 
 # Per-set settings that a dataset entry may override (e.g. λ 0.7 for ADE, 0.6 for Pascal Context).
 DATASET_KEYS = ("lambda", "mask_threshold", "seen_lambda", "size", "mode")
@@ -169,7 +169,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             table += [{"dataset": name, "branch": b, "lambda": datasets[name]["lambda"] if b == "ensemble" else None,
                        **{k: metrics[name][b][k] for k in ("mIoU", "seen_mIoU", "unseen_mIoU", "hIoU")}}
                       for b in BRANCHES]
-    write_json(Path(settings["metrics"]) / f"{variant}.json", metrics)
+    write_metrics(Path(settings["metrics"]) / f"{variant}.json",
+                  {name: {k: m["ensemble"][k] for k in ("mIoU", "hIoU")} for name, m in metrics.items()}, metrics)
     ctx.publish_table("scores", table, f"Zero-shot scores with CLIP variant {variant}")
     return {"variant": variant, **{f"{name}_{b}_mIoU": metrics[name][b]["mIoU"] for name in metrics for b in BRANCHES},
             **{f"{name}_images_per_s": speed[name]["all"] for name in speed}, "images_per_s": speed}

@@ -28,14 +28,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from ovseg_core.atomic import atomic_dir, write_json
+from ovseg_core.atomic import atomic_dir
 from ovseg_core.clip.models import load_clip
 from ovseg_core.compute import ComputeConfig, worker_placement
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.maskformer.model import load_model
 from ovseg_core.mining import Miner, MiningConfig
 from ovseg_core.shards import INDEX_FILE, completed_units, finalize_dataset, shard_name, stats_name
-from stages.common import StageContext, file_digest, main, per_second, resumable_dir
+from stages.common import StageContext, file_digest, main, per_second, resumable_dir, write_metrics
 
 
 def code_version() -> str:
@@ -137,7 +137,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summary["nouns_outside_training_vocabulary"] = len(nouns - vocabulary)
     summary["training_classes_mined"] = len(nouns & vocabulary)
     metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-    write_json(Path(paths["metrics"]) / f"{variant}.json", metrics)
+    write_metrics(Path(paths["metrics"]) / f"{variant}.json",
+                  {k: metrics[k] for k in ("pairs", "unique_nouns", "nouns_outside_training_vocabulary")}, metrics)
     rows = [{"key": k, "value": v} for k, v in summary.items() if isinstance(v, (int, float, str))]
     ctx.publish_table("card", rows, f"Mined pairs ({variant}); dataset card: {out}/README.md")
     card = (out / "README.md").read_text()

@@ -28,7 +28,7 @@ from ovseg_core.compute import ComputeConfig
 from ovseg_core.distributed import launch, process_rank
 from ovseg_core.clip.datasets import CaptionImageDataset, SegmentProbe, segment_probe
 from ovseg_core.datasets.prepared import CAPTIONS_FILE, DATASET_FILE, PreparedDataset
-from stages.common import StageContext, file_digest, main, resumable_dir, training_figures
+from stages.common import StageContext, file_digest, main, resumable_dir, training_figures, write_metrics
 
 CLIP_FILE = "clip.pt"
 LOSS_FILE = "loss.json"
@@ -126,7 +126,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
                               min_fraction=float(probe_cfg.get("min_fraction", 0.01)))
         with placement.autocast():
             metrics |= probe_metrics(bundle, probe)
-    write_json(p["metrics"], metrics)
+    write_metrics(p["metrics"], {k: metrics[k] for k in ("final_loss", "masked_acc", "masked_acc_unseen") if k in metrics},
+                  metrics)
     ctx.publish_table("metrics", [{"key": k, "value": v} for k, v in metrics.items()],
                       "CLIP pretraining: zero-shot accuracy (%) of whole scenes, boxes, masked crops")
     return {**metrics, **run_figures}

@@ -21,10 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ovseg_core.atomic import atomic_dir, write_csv, write_json  # noqa: E402
+from ovseg_core.atomic import atomic_dir, write_csv  # noqa: E402
 from ovseg_core.datasets.prepared import PreparedDataset  # noqa: E402
 from ovseg_core.evaluation import SweepResult, sweep  # noqa: E402
-from stages.common import StageContext, main  # noqa: E402
+from stages.common import StageContext, main, write_metrics  # noqa: E402
 from stages.evaluate import segmenter_for  # noqa: E402
 
 SCORES = ("mIoU", "fwIoU", "pACC", "mACC", "seen_mIoU", "unseen_mIoU", "hIoU")
@@ -108,7 +108,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 f"{result.images} images)")
     metrics = {"best_lambda": best["lambda"], "best_threshold": best["threshold"], "images": result.images,
                **{f"best_{k}": best[k] for k in SCORES}}
-    write_json(s["metrics"], metrics)
+    write_metrics(s["metrics"], {k: metrics[k] for k in ("best_lambda", "best_threshold", "best_mIoU", "best_hIoU")},
+                  metrics)
     ctx.publish_table("best-cell", [best], f"Best λ × threshold cell by {select} on {name}")
     return metrics
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from ovseg_core.atomic import write_json
 from ovseg_core.clip.models import load_clip
 from ovseg_core.clip.text import text_features
 from ovseg_core.compute import ComputeConfig, Placement
@@ -28,7 +27,7 @@ from ovseg_core.maskformer.data import SemanticDataset
 from ovseg_core.maskformer.model import OpenVocabMaskFormer, build_model, load_model, preset_config, save_model
 from ovseg_core.maskformer.train import TrainConfig, train
 from ovseg_core.metrics import evaluate_dataset
-from stages.common import StageContext, main, training_figures
+from stages.common import StageContext, main, training_figures, write_metrics
 
 MODEL_FILE = "model.pt"
 
@@ -91,7 +90,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     metrics = {"steps": int(p["train"]["steps"]), **metrics, "processes": compute.world_size, **placement.describe(),
                "parameters": sum(q.numel() for q in model.parameters()), **scores}
     run_figures["eval_images_per_s"] = ips
-    write_json(p["metrics"], metrics)
+    write_metrics(p["metrics"], {"final_loss": metrics.get("final_loss"),
+                                 **{key: {k: scores[key][k] for k in ("mIoU", "hIoU")} for key in scores}}, metrics)
     ctx.publish_table("metrics", [{"split": k, **v} for k, v in metrics.items() if isinstance(v, dict)],
                       "MaskFormer-only segmentation after training")
     return {"steps": metrics["steps"], "train_mIoU": metrics["train_split"]["mIoU"], **run_figures}

@@ -27,7 +27,7 @@ import yaml
 
 from ovseg_core.clip.models import load_clip
 from ovseg_core.clip.mpt import load_prompts
-from stages.common import StageContext, run_stage
+from stages.common import StageContext, details_path, run_stage
 from test_stage_pretrain_clip import params as pretrain_params
 from test_stage_train_maskformer import stage_params as maskformer_params
 
@@ -76,7 +76,7 @@ def test_train_maskformer_two_processes_match_one(tiny_world, tiny_models, tmp_p
         section = p["train_maskformer"]
         results[processes] = torch.load(Path(section["out"]) / "model.pt")["state_dict"]
         logs[processes] = Path(section["plots"]).read_text().splitlines()
-        assert json.loads(Path(section["metrics"]).read_text())["processes"] == processes
+        assert json.loads(details_path(section["metrics"]).read_text())["processes"] == processes
     torch.manual_seed(0)  # the stage's initialisation, for the "weights moved" check
     from ovseg_core.maskformer import build_model, preset_config
     initial = build_model(preset_config("tiny", **p["train_maskformer"]["net"]), results[1]["class_predictor.text_features"])

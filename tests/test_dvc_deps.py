@@ -84,3 +84,20 @@ def test_stage_lists_the_code_it_runs(stage: str, deps: list[str]):
     module = "stages." + stage.split("@")[0]
     missing = sorted(f for f in code_closure(module) if not covered(f, deps))
     assert not missing, f"dvc.yaml stage {stage!r} runs code it does not list as deps: {missing}"
+
+
+def stage_metrics_and_outs() -> dict[str, tuple[list[str], list[str]]]:
+    with Repo(str(REPO)) as repo:
+        return {stage.name: ([Path(m.def_path).as_posix() for m in stage.metrics],
+                             [Path(o.def_path).as_posix() for o in stage.outs]) for stage in repo.index.stages}
+
+
+@pytest.mark.parametrize("stage, declared", sorted(stage_metrics_and_outs().items()))
+def test_every_metrics_file_has_its_details_file_as_an_out(stage: str, declared: tuple[list[str], list[str]]):
+    """A stage's metrics file holds its headline numbers and the details file beside it everything
+    (`stages.common.write_metrics`): DVC must know the details file too, or a clone would lack it."""
+    from stages.common import details_path
+
+    metrics, outs = declared
+    for path in metrics:
+        assert details_path(path).as_posix() in outs, f"{stage}: {details_path(path)} is not among its outs"

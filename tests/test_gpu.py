@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ovseg_core.compute import CPU_FP32, ComputeConfig, Placement
-from stages.common import StageContext, run_stage
+from stages.common import StageContext, details_path, run_stage
 from test_mining_scale import mined, miner
 from test_stage_train_maskformer import stage_params as maskformer_params
 
@@ -35,7 +35,7 @@ def test_mining_on_the_gpu_in_bf16_finds_the_cpu_pairs(tiny_world, tiny_models):
 def test_train_maskformer_stage_on_the_gpu(tiny_world, tiny_models, tmp_path):
     p = maskformer_params(tiny_world, tiny_models, tmp_path)
     run_stage("train_maskformer", StageContext("train_maskformer", copy.deepcopy(p)))
-    metrics = json.loads(Path(p["train_maskformer"]["metrics"]).read_text())
+    metrics = json.loads(details_path(p["train_maskformer"]["metrics"]).read_text())
     assert metrics["device"].startswith("cuda") and metrics["precision"] == "bf16"
     assert torch.isfinite(torch.tensor(metrics["final_loss"]))
 

@@ -1,7 +1,11 @@
-"""The whole pipeline as a user runs it: a fresh copy of the repository, `dvc repro` on a tiny embedded
+"""The whole pipeline as a user runs it: a fresh copy of the repository, the README's main command (`python -m
+flows.pipeline --push`: validation, `dvc repro`, `dvc push` to a local remote, the headline) on a tiny embedded
 world with every stage reporting to a real local Prefect server, then the DVC promises.
 
-- every stage runs and shows up in Prefect as a completed flow run with artifacts;
+- the driver validates first, runs every stage, pushes and prints the report's headline;
+- every stage runs and shows up in Prefect as a completed flow run with artifacts, nested under the driver's
+  flow run in DAG order; a second driver run shows every stage as Skipped;
+- a teammate's clone gets everything with `dvc pull` and is up to date;
 - a second `dvc repro` does nothing;
 - changing one adaptation parameter marks only that adaptation and what depends on it as changed;
 - a stage that fails on a corrupt input is a failed flow run in Prefect, leaves no partial out, and
@@ -105,11 +109,13 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory):
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone"]):
         run(cmd, root, env)
+    run(["dvc", "remote", "add", "-d", "shared", str(root.parent / "remote")], root, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "remote"], root, env)
     port = free_port()
     run([sys.executable, "-m", "flows.server", "start", "--port", str(port)], root, env)
     try:
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-        first = run(["dvc", "repro"], root, env)
+        first = run([sys.executable, "-m", "flows.pipeline", "--push"], root, env)
         yield root, env, first
     finally:  # never leave the server behind, also when the repro fails
         run([sys.executable, "-m", "flows.server", "stop"], root, env, check=False)
@@ -120,19 +126,68 @@ def stage_names(root: Path) -> set[str]:
     return set(lock["stages"])
 
 
-def flow_runs(env: dict[str, str]) -> list[dict[str, Any]]:
-    code = ("import json; from prefect.client.orchestration import get_client\n"
-            "with get_client(sync_client=True) as c:\n"
-            "    flows = {f.id: f.name for f in c.read_flows(limit=200)}\n"
-            "    runs = c.read_flow_runs(limit=200)\n"
-            "    arts = c.read_artifacts(limit=200)\n"
-            "    from prefect.client.schemas.filters import LogFilter, LogFilterLevel\n"
-            "    errors = c.read_logs(log_filter=LogFilter(level=LogFilterLevel(ge_=40)), limit=50)\n"
-            "    print(json.dumps({'runs': [{'flow': flows.get(r.flow_id), 'state': r.state_name, 'tags': r.tags,"
-            " 'id': str(r.id)} for r in runs], 'artifacts': [a.key for a in arts if a.key],"
-            " 'errors': [e.message.splitlines()[0] for e in errors]}))")
+def query_prefect(env: dict[str, str], body: str) -> Any:
+    """Run `body` against the server in `env` in a new interpreter (this one's Prefect settings are the tests'):
+    `c` is a sync Prefect client, and the JSON of what `body` assigns to `result` is returned."""
+    code = ("import json\nfrom prefect.client.orchestration import get_client\n"
+            "from prefect.client.schemas.filters import *\nfrom prefect.client.schemas.sorting import FlowRunSort\n"
+            "with get_client(sync_client=True) as c:\n" + "".join(f"    {line}\n" for line in body.splitlines())
+            + "print(json.dumps(result))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def flow_runs(env: dict[str, str]) -> dict[str, Any]:
+    """Every flow run (flow, state, tags, id), the artifact keys and the error logs the server holds."""
+    return query_prefect(env, """\
+flows = {f.id: f.name for f in c.read_flows(limit=200)}
+errors = c.read_logs(log_filter=LogFilter(level=LogFilterLevel(ge_=40)), limit=50)
+result = {'runs': [{'flow': flows.get(r.flow_id), 'state': r.state_name, 'tags': r.tags, 'id': str(r.id)}
+                   for r in c.read_flow_runs(limit=200)],
+          'artifacts': [a.key for a in c.read_artifacts(limit=200) if a.key],
+          'errors': [e.message.splitlines()[0] for e in errors]}""")
+
+
+def pipeline_view(env: dict[str, str]) -> list[dict[str, Any]]:
+    """Every driver flow run, oldest first, with its task runs in timeline order (name, state name, the stage flow
+    run each stands for) and the ids of the stage flow runs whose parent is one of them."""
+    return query_prefect(env, """\
+drivers = c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=['ovseg-pipeline'])),
+                           sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+children = {str(r.parent_task_run_id): str(r.id) for r in c.read_flow_runs(limit=200) if r.parent_task_run_id}
+result = []
+for d in drivers:
+    tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[d.id])))
+    tasks.sort(key=lambda t: t.start_time or t.expected_start_time)
+    result.append({'state': d.state_name, 'tasks': [{'name': t.name, 'state': t.state_name,
+                   'child': str(t.state.state_details.child_flow_run_id or ''), 'parent_of': children.get(str(t.id))}
+                   for t in tasks]})""")
+
+
+def stages_in_order(output: str) -> list[str]:
+    """The stages a `dvc repro` ran, in its order, as flow names (`mine@gt-nouns` -> `mine-gt-nouns`)."""
+    return [line.split("'")[1].replace("@", "-") for line in output.splitlines() if line.startswith("Running stage")]
+
+
+def test_driver_validates_runs_pushes_and_prints_the_headline(pipeline):
+    root, env, first = pipeline
+    out = first.stdout
+    assert "everything the run needs is in place" in out
+    assert out.index("everything the run needs is in place") < out.index("Running stage")
+    assert "Pipeline finished" in out
+    report_table = [line for line in (root / "reports" / "report.md").read_text().splitlines() if line.startswith("|")]
+    assert report_table and report_table[2] in out  # the headline's first row, as the report has it
+    assert json.loads(run(["dvc", "status", "--cloud", "--json"], root, env).stdout) == {}  # pushed: all in the remote
+
+
+def test_the_driver_run_is_the_pipeline_with_its_stages_nested_in_order(pipeline):
+    _, env, first = pipeline
+    view = pipeline_view(env)
+    assert view[0]["state"] == "Completed"
+    tasks = view[0]["tasks"]
+    assert [t["name"] for t in tasks] == stages_in_order(first.stdout)  # every stage that ran, in DAG order
+    for t in tasks:  # each is a subflow run: the task run stands for the stage's flow run, which names it parent
+        assert t["state"] == "Completed" and t["child"] and t["child"] == t["parent_of"], t
 
 
 def test_every_stage_ran_and_reported_to_prefect(pipeline):
@@ -150,12 +205,31 @@ def test_every_stage_ran_and_reported_to_prefect(pipeline):
     assert (root / "reports" / "report.md").is_file()
 
 
-def test_second_repro_does_nothing(pipeline):
+def test_a_teammates_clone_pulls_everything_and_is_up_to_date(pipeline, tmp_path):
+    root, env, _ = pipeline
+    run(["git", "add", "-A"], root, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results"], root, env)
+    clone = tmp_path / "teammate"
+    run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    assert not (clone / "models" / "train_maskformer" / "model.pt").exists()
+    run(["dvc", "pull"], clone, env)  # the project's own dvc.yaml: checkpoints and models are cached outs too
+    assert json.loads(run(["dvc", "status", "--json"], clone, env).stdout) == {}
+    for out in ("models/train_maskformer/model.pt", "reports/report.md"):
+        assert (clone / out).read_bytes() == (root / out).read_bytes()
+    assert sorted(p.name for p in (clone / "data" / "mined" / "proposals-nouns").iterdir()) == \
+        sorted(p.name for p in (root / "data" / "mined" / "proposals-nouns").iterdir())
+
+
+def test_second_run_does_nothing_and_shows_every_stage_skipped(pipeline):
     root, env, _ = pipeline
     status = run(["dvc", "status", "--json"], root, env)
     assert json.loads(status.stdout) == {}
-    again = run(["dvc", "repro"], root, env)
+    again = run([sys.executable, "-m", "flows.pipeline"], root, env)
     assert "Running stage" not in again.stdout
+    latest = pipeline_view(env)[-1]
+    assert latest["state"] == "Completed"
+    assert sorted(t["name"] for t in latest["tasks"]) == sorted(s.replace("@", "-") for s in stage_names(root))
+    assert {t["state"] for t in latest["tasks"]} == {"Skipped"}
 
 
 def test_one_adaptation_param_reruns_only_what_depends_on_it(pipeline):

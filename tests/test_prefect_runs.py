@@ -2,6 +2,8 @@
 against a real local Prefect server) is left Running by Prefect; the rerun marks it Crashed, saying its
 process is gone, finishes the work as a Completed run, and reports what it resumed. Every stage run shows
 its effective settings as flow run parameters, and its task runs are named after the stage and the unit.
+Both runs belong to one driver flow run (as under `python -m flows.pipeline`): each is a subflow run of it, and
+the killed one's tracking task run in the driver's run is Crashed too.
 """
 from __future__ import annotations
 
@@ -11,16 +13,39 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 import yaml
 
 from test_pipeline_e2e import free_port
+from flows.pipeline_view import PIPELINE_RUN_ENV
 from test_stage_mine import kill_when_a_unit_is_complete
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANT = "proposals-nouns"
 FLOW = f"mine-{VARIANT}"
+
+
+def driver_run(api_url: str) -> UUID:
+    """A flow run of the driver flow, as `python -m flows.pipeline` creates before it starts `dvc repro`."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        return client.create_flow_run(flow(name="ovseg-pipeline")(lambda: None)).id
+
+
+def driver_task_runs(api_url: str, driver: UUID) -> list[dict[str, Any]]:
+    """The driver flow run's task runs: one per stage run, linked to the stage's flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        return [{"id": t.id, "name": t.name, "state": t.state_type.value, "child": t.state.state_details.child_flow_run_id}
+                for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[driver])))]
 
 
 def api_runs(api_url: str) -> list[dict[str, Any]]:
@@ -34,7 +59,7 @@ def api_runs(api_url: str) -> list[dict[str, Any]]:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW])),
                                      sort=FlowRunSort.EXPECTED_START_TIME_ASC)
         return [{"id": r.id, "state": r.state_type.value, "message": r.state.message if r.state else None,
-                 "parameters": r.parameters, "tags": r.tags,
+                 "parameters": r.parameters, "tags": r.tags, "parent_task_run": r.parent_task_run_id,
                  "tasks": sorted((t.name, t.state_type.value) for t in client.read_task_runs(
                      flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id]))))}
                 for r in runs]
@@ -55,6 +80,8 @@ def killed_and_rerun(mine_params, tmp_path_factory):
     subprocess.run([sys.executable, "-m", "flows.server", "start", "--port", str(port)], cwd=ROOT, env=env,
                    check=True, capture_output=True)
     api_url = env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    driver = driver_run(api_url)
+    env[PIPELINE_RUN_ENV] = str(driver)
     cmd = [sys.executable, "-m", "flows.stage", "mine", "--variant", VARIANT, "--params", str(base / "params.yaml")]
     work = base / "work" / VARIANT
     try:
@@ -64,13 +91,13 @@ def killed_and_rerun(mine_params, tmp_path_factory):
         rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         assert rerun.returncode == 0, rerun.stderr[-4000:]
         record = json.loads((base / "runs" / "mine" / f"{VARIANT}.json").read_text())
-        yield after_kill, api_runs(api_url), record, kept
+        yield after_kill, api_runs(api_url), record, kept, driver_task_runs(api_url, driver)
     finally:
         subprocess.run([sys.executable, "-m", "flows.server", "stop"], cwd=ROOT, env=env, capture_output=True)
 
 
 def test_stage_run_carries_its_settings_and_names_task_runs_by_unit(killed_and_rerun):
-    _, runs, record, kept = killed_and_rerun
+    _, runs, record, kept, _ = killed_and_rerun
     rerun = runs[-1]
     params = rerun["parameters"]
     assert params["variant"] == VARIANT
@@ -85,7 +112,7 @@ def test_stage_run_carries_its_settings_and_names_task_runs_by_unit(killed_and_r
 
 
 def test_killed_run_is_crashed_and_the_rerun_completed(killed_and_rerun):
-    after_kill, runs, record, kept = killed_and_rerun
+    after_kill, runs, record, kept, _ = killed_and_rerun
     assert [r["state"] for r in after_kill] == ["RUNNING"]  # what Prefect alone shows after a kill -9
     assert {t.split("-")[0] for t in after_kill[0]["tags"]} >= {"host", "pid"}
     assert [r["id"] for r in runs] == [after_kill[0]["id"], runs[1]["id"]]
@@ -94,3 +121,51 @@ def test_killed_run_is_crashed_and_the_rerun_completed(killed_and_rerun):
     assert "RUNNING" not in {state for _, state in old["tasks"]}  # its unfinished units crashed with it
     assert new["state"] == "COMPLETED"
     assert record["resumed_units"] == kept and record["units"] > kept  # the rerun says what it resumed
+
+
+def test_both_runs_are_subflow_runs_of_the_driver_run(killed_and_rerun):
+    _, runs, _, _, tracking = killed_and_rerun
+    old, new = runs
+    by_id = {t["id"]: t for t in tracking}
+    assert len(tracking) == 2 and {t["name"] for t in tracking} == {FLOW}
+    assert old["parent_task_run"] in by_id and new["parent_task_run"] in by_id
+    assert by_id[old["parent_task_run"]]["child"] == old["id"] and by_id[new["parent_task_run"]]["child"] == new["id"]
+    # the server keeps each tracking task run in step with its stage run, the orphan's Crashed included
+    assert by_id[old["parent_task_run"]]["state"] == "CRASHED"
+    assert by_id[new["parent_task_run"]]["state"] == "COMPLETED"
+
+
+class FailsOnceFor:
+    """A work unit that fails the first time it meets `bad` (a transient error: a full disk, a lost worker) and
+    succeeds when retried; calls are counted in a file, as a retry may run in another thread or process."""
+
+    def __init__(self, bad: int, log: Path):
+        self.bad, self.log = bad, log
+
+    def __call__(self, item: int) -> int:
+        with self.log.open("a") as f:
+            f.write(f"{item}\n")
+        if item == self.bad and self.log.read_text().split().count(str(item)) == 1:
+            raise OSError(f"transient failure of unit {item}")
+        return item * item
+
+
+def test_a_transient_unit_failure_is_retried_by_prefect(tmp_path):
+    from prefect import flow
+
+    from flows.stage import PrefectStageContext
+
+    params = {"prefect": {"task_runner": "threads", "max_workers": 2, "task_retries": 1, "retry_delay_s": 0},
+              "compute": {"device": "cpu"}, "demo": {}}
+    ctx = PrefectStageContext("demo", params)
+    unit = FailsOnceFor(bad=2, log=tmp_path / "calls.txt")
+    results = flow(name="retry-demo", persist_result=False)(lambda: ctx.map(unit, range(4), "units"))()
+    assert results == [0, 1, 4, 9]  # the flow completed with every unit's result, in order
+    assert sorted(int(c) for c in (tmp_path / "calls.txt").read_text().split()) == [0, 1, 2, 2, 3]
+
+    # without retries the same failure fails the flow: the retry above is what saved it
+    params["prefect"]["task_retries"] = 0
+    unit = FailsOnceFor(bad=2, log=tmp_path / "calls-no-retry.txt")
+    ctx = PrefectStageContext("demo", params)
+    with pytest.raises(OSError, match="transient failure of unit 2"):
+        flow(name="retry-demo", persist_result=False)(lambda: ctx.map(unit, range(4), "units"))()

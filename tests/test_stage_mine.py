@@ -66,20 +66,26 @@ def run_in_process(params: dict[str, Any], run: Callable[[], dict[str, Any]] | N
         torch.set_num_threads(threads)
 
 
-def kill_when_a_unit_is_complete(cmd: list[str], work: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
-    """Run the mining command `cmd` until its first unit is complete in `work`, then kill -9 it."""
+def kill_when(cmd: list[str], ready: Callable[[], bool], log_path: Path, env: dict[str, str] | None = None,
+              cwd: Path = ROOT, what: str = "the awaited state") -> None:
+    """Run `cmd` until `ready()` (polled every 5 ms), then kill -9 it, as a crash or a preempted node does."""
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
-            while not list(work.glob("*.stats.json")):
-                assert proc.poll() is None, f"the stage ended before a unit was complete; see {log_path}"
-                assert time.monotonic() < deadline, "no unit completed in time"
-                time.sleep(0.01)
+            while not ready():
+                assert proc.poll() is None, f"the command ended before {what}; see {log_path}"
+                assert time.monotonic() < deadline, f"no {what} in time; see {log_path}"
+                time.sleep(0.005)
         finally:
             proc.kill()  # SIGKILL: no clean-up code runs
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def kill_when_a_unit_is_complete(cmd: list[str], work: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    """Run the mining command `cmd` until its first unit is complete in `work`, then kill -9 it."""
+    kill_when(cmd, lambda: bool(list(work.glob("*.stats.json"))), log_path, env, what="a complete unit")
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_mined, mine_params, tmp_path):

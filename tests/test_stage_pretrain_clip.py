@@ -79,7 +79,9 @@ def test_segment_probe_cuts_every_region_three_ways(world):
 def test_stage_trains_resumes_and_writes_loadable_outputs(world, tmp_path):
     p = params(world, tmp_path)
     summary = run(p)
-    metrics = json.loads((tmp_path / "metrics/pretrain_clip.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/details/pretrain_clip.json").read_text())
+    headline = json.loads((tmp_path / "metrics/pretrain_clip.json").read_text())
+    assert headline == {k: metrics[k] for k in ("final_loss", "masked_acc", "masked_acc_unseen")}
     assert metrics["source"] == "trained" and metrics["steps"] == 3 and summary["resumed_from_step"] == 0
     assert metrics["pairs"] == len(world["web"]) * world["captions_per_image"]
     assert metrics["train_samples"] == 3 * 8 and summary["samples_per_s"] > 0 and "samples_per_s" not in metrics
