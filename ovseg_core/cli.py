@@ -110,7 +110,8 @@ def run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     try:
         segmenter = Segmenter.load(args.model, maskformer=args.maskformer, clip=args.clip, clip_arch=args.clip_arch,
                                    clip_variant=args.clip_variant, lam=args.lam, threshold=args.threshold,
-                                   device=args.device, precision=args.precision)
+                                   device=args.device, precision=args.precision,
+                                   proposals=mask_file is None)  # your own masks: no proposal network needed
     except (DataError, MissingWeightsError, ComputeError) as e:
         print(f"ovseg segment: error: {e}", file=sys.stderr)
         return 1
@@ -118,7 +119,7 @@ def run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print(f"ovseg segment: error: {e}", file=sys.stderr)
         return 1
     models = segmenter.describe()
-    print(f"models: {models['maskformer']} + CLIP {models['clip_name']} ({models['clip_arch']}) {models['clip']}; "
+    print(f"models: {models['maskformer'] or f'masks from {args.masks}'} + CLIP {models['clip_name']} ({models['clip_arch']}) {models['clip']}; "
           f"{len(classes)} classes, λ={args.lam}, threshold={args.threshold}")
     failed = 0
     for image in images:

@@ -27,9 +27,13 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Mapping
+from typing import TYPE_CHECKING, Any, ContextManager, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used, not here: stages that never compute with it (world) start seconds
+# faster without it, and every stage reads its compute section.
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -60,6 +64,8 @@ class ComputeConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"compute.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.processes == "auto":  # one process per visible GPU (one on a machine without)
+            import torch
+
             gpus = torch.cuda.device_count() if self.device.split(":")[0] in ("auto", "cuda") else 0
             object.__setattr__(self, "processes", max(1, gpus if ":" not in self.device else 1))
         if not isinstance(self.processes, int) or self.processes < 1 or self.nodes < 1 or self.loader_workers < 0:
@@ -105,12 +111,16 @@ class ComputeConfig:
 
     def placement(self, device: torch.device | str | None = None) -> "Placement":
         """Resolve device and precision in this process (`device` pins a resolved device, e.g. a DDP rank's)."""
+        import torch
+
         resolved = torch.device(device) if device is not None else resolve_device(self.device)
         return Placement(resolved, resolve_precision(self.precision, resolved))
 
 
 def resolve_device(name: str) -> torch.device:
     """`auto` → cuda when visible, else cpu; `cuda` on a machine without a visible GPU is a ComputeError."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
@@ -128,6 +138,8 @@ def resolve_device(name: str) -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes in bf16 natively: a GPU with bf16 support (Ampere and newer), or a CPU with
     AVX512-BF16 or AMX instructions (where oneDNN's bf16 kernels beat fp32: measured 1.3-2.3x here)."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     cpu = torch.cpu
@@ -138,6 +150,8 @@ def native_bf16(device: torch.device) -> bool:
 def resolve_precision(name: str, device: torch.device) -> str:
     """`auto` → bf16 where the device computes in bf16 natively (`native_bf16`), fp32 otherwise; bf16 on a
     GPU without bf16 support is a ComputeError (a CPU without it only runs bf16 slowly)."""
+    import torch
+
     if name == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if name == "bf16" and device.type == "cuda" and not native_bf16(device):
@@ -157,13 +171,23 @@ class Placement:
         """bf16 autocast around forward passes (fp32 parameters stay fp32); a no-op for fp32."""
         if self.precision != "bf16":
             return contextlib.nullcontext()
+        import torch
+
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def describe(self) -> dict[str, str]:
         return {"device": str(self.device), "precision": self.precision}
 
 
-CPU_FP32 = Placement(torch.device("cpu"), "fp32")
+def __getattr__(name: str) -> Any:
+    """`CPU_FP32`, the placement of the library's defaults, made when first asked for (it needs torch)."""
+    if name == "CPU_FP32":
+        import torch
+
+        globals()["CPU_FP32"] = Placement(torch.device("cpu"), "fp32")
+        return globals()["CPU_FP32"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _claim_lock = threading.Lock()
 _claimed: list[tuple[int, Any]] = []  # (GPU index, open lock file): held for as long as this process lives
@@ -174,6 +198,8 @@ def claim_gpu() -> int:
     has claimed on this machine (an flock per GPU, released when the process exits), so a pool of N
     processes on N GPUs spreads one per GPU whatever started it (a process pool, Dask workers). With more
     processes than GPUs, the extra ones share them round robin. One claim per process (threads share it)."""
+    import torch
+
     count = torch.cuda.device_count()
     if count <= 1:
         return 0
@@ -196,6 +222,8 @@ def claim_gpu() -> int:
 
 def worker_placement(cfg: ComputeConfig) -> Placement:
     """The placement of a unit worker process (mining, evaluation): its own GPU on CUDA (`claim_gpu`)."""
+    import torch
+
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", claim_gpu())

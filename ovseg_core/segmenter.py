@@ -76,7 +76,7 @@ Mode = Literal["auto", "resize", "slide"]
 
 @dataclass(frozen=True)
 class ModelFiles:
-    maskformer: Path
+    maskformer: Path | None  # None: masks come from elsewhere (`--masks`), no proposal network
     clip: Path  # an adapted-CLIP directory or a plain CLIP checkpoint file
     clip_arch: str | None  # needed only for a plain checkpoint that does not record it
 
@@ -93,21 +93,24 @@ def _adapted_variants(run_dir: Path) -> list[str]:
 
 def locate_models(run_dir: str | Path | None = None, *, maskformer: str | Path | None = None,
                   clip: str | Path | None = None, clip_arch: str | None = None,
-                  clip_variant: str = DEFAULT_VARIANT) -> ModelFiles:
+                  clip_variant: str = DEFAULT_VARIANT, proposals: bool = True) -> ModelFiles:
     """The model files to load: explicit paths where given, the rest from `run_dir` (default: the
-    repository's models/). Raises MissingWeightsError naming the path and the stage that writes it."""
-    if maskformer is not None and not Path(maskformer).is_file():
+    repository's models/); without `proposals` no proposal network (the masks come from elsewhere).
+    Raises MissingWeightsError naming the path and the stage that writes it."""
+    if not proposals:
+        maskformer = None
+    elif maskformer is not None and not Path(maskformer).is_file():
         raise MissingWeightsError(f"{maskformer}: proposal network file not found")
     if clip is not None and not Path(clip).exists():
         raise MissingWeightsError(f"{clip}: CLIP not found (an adapted-CLIP directory or a CLIP checkpoint file)")
-    if maskformer is not None and clip is not None:
-        return ModelFiles(Path(maskformer), Path(clip), clip_arch)
+    if clip is not None and (maskformer is not None or not proposals):
+        return ModelFiles(None if maskformer is None else Path(maskformer), Path(clip), clip_arch)
     run = Path(run_dir) if run_dir is not None else DEFAULT_MODELS_DIR
     if not run.is_dir():
         raise MissingWeightsError(
             f"{run}: model directory not found. `dvc repro` in the repository writes models/; or name a run's "
             f"models/ directory (--model) or the model files (--maskformer, --clip)")
-    if maskformer is None:
+    if maskformer is None and proposals:
         maskformer = run / MASKFORMER_FILE
         if not maskformer.is_file():
             raise MissingWeightsError(f"{maskformer}: proposal network not found; {_stage_hint('train_maskformer')}")
@@ -123,7 +126,7 @@ def locate_models(run_dir: str | Path | None = None, *, maskformer: str | Path |
                 raise MissingWeightsError(
                     f"{clip}: no adapted CLIP {clip_variant!r} (variants available here: {available}); "
                     f"{_stage_hint('adapt_clip')}")
-    return ModelFiles(Path(maskformer), Path(clip), clip_arch)
+    return ModelFiles(None if maskformer is None else Path(maskformer), Path(clip), clip_arch)
 
 
 def _clean(name: str) -> str:
@@ -237,11 +240,13 @@ class Segmenter:
     """Loaded models plus a per-name text-feature cache; `segment` any number of images, with any
     vocabulary each time. Not thread-safe: each call sets the proposal network's vocabulary."""
 
-    def __init__(self, model: OpenVocabMaskFormer, clip: AdaptedClip, files: ModelFiles,
+    def __init__(self, model: OpenVocabMaskFormer | None, clip: AdaptedClip, files: ModelFiles,
                  lam: float = DEFAULT_LAM, threshold: float = DEFAULT_THRESHOLD, placement: Placement = CPU_FP32):
+        """`model` None: a segmenter of given masks only (`segment(..., masks=...)`)."""
         check_settings(lam, threshold)
-        text_dim, clip_dim = model.class_predictor.void_embedding.shape[0], clip.bundle.embed_dim
-        if text_dim != clip_dim:
+        text_dim = None if model is None else model.class_predictor.void_embedding.shape[0]
+        clip_dim = clip.bundle.embed_dim
+        if text_dim is not None and text_dim != clip_dim:
             raise DataError(files.clip, f"CLIP embeds text in {clip_dim} dimensions, the proposal network "
                                         f"{files.maskformer} in {text_dim}: they must come from the same CLIP")
         self.model = model
@@ -257,19 +262,20 @@ class Segmenter:
     def load(cls, run_dir: str | Path | None = None, *, maskformer: str | Path | None = None,
              clip: str | Path | None = None, clip_arch: str | None = None, clip_variant: str = DEFAULT_VARIANT,
              lam: float = DEFAULT_LAM, threshold: float = DEFAULT_THRESHOLD, device: str = "auto",
-             precision: str = "auto") -> "Segmenter":
+             precision: str = "auto", proposals: bool = True) -> "Segmenter":
         """Load the models once (see `locate_models` for which files) onto `device` (auto: the GPU when one
-        is visible), to run in `precision` (auto: bf16 where the device computes it natively, else fp32)."""
+        is visible), to run in `precision` (auto: bf16 where the device computes it natively, else fp32).
+        Without `proposals` only CLIP is loaded: it labels the masks given to `segment`."""
         placement = ComputeConfig(device=device, precision=precision).placement()
         files = locate_models(run_dir, maskformer=maskformer, clip=clip, clip_arch=clip_arch,
-                              clip_variant=clip_variant)
+                              clip_variant=clip_variant, proposals=proposals)
         arch = files.clip_arch
         if arch is None and files.clip.is_file():
             arch = checkpoint_metadata(files.clip).get("arch")
             if arch is None:
                 raise DataError(files.clip, "this CLIP checkpoint does not record its architecture: name it "
                                             "(--clip-arch, e.g. ViT-L-14)")
-        model, _ = load_model(files.maskformer, device=placement.device)
+        model = None if files.maskformer is None else load_model(files.maskformer, device=placement.device)[0]
         adapted = load_adapted(files.clip, arch, device=placement.device)
         return cls(model, adapted, ModelFiles(files.maskformer, files.clip, adapted.bundle.arch), lam, threshold,
                    placement)
@@ -280,7 +286,8 @@ class Segmenter:
 
     def describe(self) -> dict[str, Any]:
         """The models and settings, as recorded beside every result."""
-        return {"maskformer": str(self.files.maskformer.resolve()), "clip": str(self.files.clip.resolve()),
+        maskformer = None if self.files.maskformer is None else str(self.files.maskformer.resolve())
+        return {"maskformer": maskformer, "clip": str(self.files.clip.resolve()),
                 "clip_name": self.clip.name, "clip_arch": self.files.clip_arch, "lam": self.lam,
                 "threshold": self.threshold, **self.placement.describe()}
 
@@ -290,6 +297,8 @@ class Segmenter:
                 ) -> SegmentResult:
         """Label every pixel of `image` (a path, PIL image or RGB uint8 array) with one of `classes` (a list,
         or one comma-separated string); with `masks` (bool [N, H, W] at the image's size) from those masks."""
+        if masks is None and self.model is None:
+            raise ValueError("this segmenter was loaded without a proposal network (masks only): pass `masks`")
         start = time.perf_counter()
         names = normalize_classes(classes, background)
         rgb = _as_rgb(image)

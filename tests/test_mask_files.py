@@ -164,3 +164,22 @@ def test_segment_with_masks_from_a_file(run_dir, images, tmp_path, capsys):  # n
     covered = np.any(blocks(height, width), axis=0)
     assert (labels[~covered] == 255).all()
     assert sum(c["pixel_share"] for c in record["per_class"]) == pytest.approx(covered.mean())
+
+
+def test_segment_with_masks_needs_no_proposal_network(run_dir, images, tmp_path, capsys):  # noqa: F811 - fixtures
+    """With `--masks` only CLIP labels the regions: a CLIP alone (`--clip`) is enough, no MaskFormer is loaded, and
+    the labels are those of the same CLIP run beside a proposal network."""
+    square, _ = images
+    width, height = Image.open(square).size
+    masks_json = tmp_path / "sam.json"
+    masks_json.write_text(json.dumps({square.name: [sam_annotation(m, 0.9) for m in blocks(height, width)]}))
+    args = ["segment", str(square), "--classes", "sky, kite, grass", "--masks", str(masks_json), "--device", "cpu",
+            "--precision", "fp32"]
+    assert main([*args, "--model", str(run_dir), "--out", str(tmp_path / "with-run")]) == 0
+    clip_only = ["--clip", str(run_dir / "adapt_clip" / "ft-mpt"), "--model", str(tmp_path / "no-such-run")]
+    assert main([*args, *clip_only, "--out", str(tmp_path / "clip-only")]) == 0
+    assert f"models: masks from {masks_json} + CLIP" in capsys.readouterr().out
+    record = json.loads((tmp_path / "clip-only" / "square.json").read_text())
+    assert record["models"]["maskformer"] is None
+    with_run, clip_only_labels = (np.asarray(Image.open(tmp_path / d / "square.labels.png")) for d in ("with-run", "clip-only"))
+    assert np.array_equal(with_run, clip_only_labels)
