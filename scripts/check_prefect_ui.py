@@ -4,8 +4,9 @@ server holds: the stage flow runs, their states and their artifacts.
     .venv/bin/python -m scripts.check_prefect_ui [--out .ovseg/ui]
 
 Starts the project's local Prefect server if it is not running (flows.server), screenshots the
-runs and artifacts pages, the latest driver run (`ovseg-pipeline`: the stages nested under it), one stage's run
-page and its Parameters tab, and prints the flow runs and artifacts read back from the API. Needs
+runs and artifacts pages, the pipeline (`ovseg-pipeline`: the longest driver run, its stages nested under it as
+subflow runs, and the latest one, where stages DVC skipped show as Skipped), one stage's run page and its
+Parameters tab, and prints the flow runs and artifacts read back from the API. Needs
 Debian's `chromium` package (`apt-get install chromium`).
 """
 from __future__ import annotations
@@ -75,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     if stage_run:  # one stage's own page: its task runs on a timeline, its logs; and the settings it ran with
         pages[f"flow-run-{args.flow_run_of}"] = f"/runs/flow-run/{stage_run.id}"
         pages[f"flow-run-{args.flow_run_of}-parameters"] = f"/runs/flow-run/{stage_run.id}?tab=Parameters"
-    driver_run = latest_completed(runs, flow_names, "ovseg-pipeline")
-    if driver_run:  # the pipeline view: the driver's run with the stages nested under it
-        pages["pipeline"] = f"/runs/flow-run/{driver_run.id}?tab=Subflow%20Runs"
+    drivers = [r for r in runs if r.state_name == "Completed" and flow_names.get(r.flow_id) == "ovseg-pipeline"]
+    if drivers:  # the pipeline view: the driver's run with the stages nested under it on its timeline
+        longest = max(drivers, key=lambda r: r.total_run_time)  # a repro that ran stages
+        pages["pipeline"] = f"/runs/flow-run/{longest.id}"
+        pages["pipeline-latest"] = f"/runs/flow-run/{latest_completed(runs, flow_names, 'ovseg-pipeline').id}"
     for name, path in pages.items():
         target = out / f"{name}.png"
         screenshot(f"{ui}{path}", target, chromium)

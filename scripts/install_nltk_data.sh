@@ -53,7 +53,7 @@ fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 chmod a+rwx "$WORK"  # apt's unprivileged _apt user writes the downloads
-download() { (cd "$WORK" && apt-get download -q "${PACKAGES[@]}"); }
+download() { (cd "$WORK" && apt-get download -qq "${PACKAGES[@]}"); }
 download || { as_root apt-get update -qq && download; }  # stale lists: the archive moved on
 for deb in "$WORK"/*.deb; do dpkg-deb -x "$deb" "$WORK/root"; done
 

@@ -138,13 +138,13 @@ def query_prefect(env: dict[str, str], body: str) -> Any:
 
 
 def flow_runs(env: dict[str, str]) -> dict[str, Any]:
-    """Every flow run (flow, state, tags, id), the artifact keys and the error logs the server holds."""
+    """Every flow run (flow, state, tags, id; oldest first), the artifact keys and the error logs the server holds."""
     return query_prefect(env, """\
 flows = {f.id: f.name for f in c.read_flows(limit=200)}
 errors = c.read_logs(log_filter=LogFilter(level=LogFilterLevel(ge_=40)), limit=50)
 result = {'runs': [{'flow': flows.get(r.flow_id), 'state': r.state_name, 'tags': r.tags, 'id': str(r.id)}
-                   for r in c.read_flow_runs(limit=200)],
-          'artifacts': [a.key for a in c.read_artifacts(limit=200) if a.key],
+                   for r in c.read_flow_runs(limit=200, sort=FlowRunSort.EXPECTED_START_TIME_ASC)],
+          'artifacts': [a.key for a in c.read_latest_artifacts(limit=200) if a.key],
           'errors': [e.message.splitlines()[0] for e in errors]}""")
 
 
@@ -195,13 +195,21 @@ def test_every_stage_ran_and_reported_to_prefect(pipeline):
     dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text())
     assert set(dvc_yaml["stages"]) <= {s.split("@")[0] for s in stage_names(root)}
     seen = flow_runs(env)
-    completed = {r["flow"] for r in seen["runs"] if r["state"] == "Completed"}
+    driver = next(r for r in seen["runs"] if r["flow"] == "ovseg-pipeline")  # the first driver run
+    completed = {r["flow"]: r for r in seen["runs"] if r["state"] == "Completed"}
     for stage in stage_names(root):
         name, _, variant = stage.partition("@")
-        assert (f"{name}-{variant}" if variant else name) in completed, f"no completed flow run for {stage}"
+        flow = f"{name}-{variant}" if variant else name
+        assert flow in completed, f"no completed flow run for {stage}"
+        tags = set(completed[flow]["tags"])  # what the UI filters by: the project, the stage, the pipeline run
+        assert {"ovseg", f"stage-{name}", f"pipeline-{driver['id'][:8]}"} <= tags, (stage, tags)
+        assert any(t.startswith("pid-") for t in tags) and any(t.startswith("host-") for t in tags)
     assert not seen["errors"], f"error logs in a successful run: {seen['errors'][:5]}"
-    assert any(key.endswith("-result") for key in seen["artifacts"])
-    assert any(key.startswith("mine-") and key.endswith("card") for key in seen["artifacts"])
+    keys = set(seen["artifacts"])  # every stage's result table, the dataset cards, the report's headline
+    for stage in stage_names(root):
+        assert f"{stage.replace('@', '-').replace('_', '-')}-result" in keys, f"no result artifact for {stage}"
+    assert {f"mine-{v}-dataset-card" for v in ("proposals-nouns", "gt-nouns", "gt-classes")} <= keys
+    assert "report-headline" in keys and any(k.endswith("-progress") for k in keys)
     assert (root / "reports" / "report.md").is_file()
 
 
