@@ -317,6 +317,16 @@ _INDEX_SCHEMA = pa.schema([
 ])
 
 
+def open_clip_trainer_settings(shard_counts: list[int], workers: int = 2, batch: int = 64) -> tuple[int, int]:
+    """(data-loader workers, batch size) with which open_clip's trainer runs on shards of these pair counts. Its
+    webdataset loader needs a shard per worker (it asserts so), shuffles the shards among the workers and drops each
+    worker's last partial batch, so the batch must fit in what the worker dealt the smallest shards gets; a larger
+    batch gives that worker no batch at all (seen: a set of 16 pairs at batch 64 never finished its epoch)."""
+    workers = max(1, min(workers, len(shard_counts)))
+    smallest_share = sum(sorted(shard_counts)[: len(shard_counts) // workers])
+    return workers, max(1, min(batch, smallest_share))
+
+
 def _dataset_card(nouns: Counter[str], images: int, stats: list[dict[str, Any]],
                   params: Mapping[str, Any], code_version: str, top_k: int) -> str:
     pairs = sum(nouns.values())
@@ -326,6 +336,7 @@ def _dataset_card(nouns: Counter[str], images: int, stats: list[dict[str, Any]],
         pattern = f"{SHARD_PREFIX}{{{units[0]:06d}..{units[-1]:06d}}}.tar"
     else:  # gaps: list the shards
         pattern = "::".join(s["shard"] for s in stats)
+    workers, batch = open_clip_trainer_settings([s["count"] for s in stats])
     lines = [
         "# Mask–noun pairs",
         "",
@@ -380,12 +391,13 @@ def _dataset_card(nouns: Counter[str], images: int, stats: list[dict[str, Any]],
         "open_clip's own trainer reads the shards directly (image from `jpg`/`png`, text from `txt`; the",
         "sample count from `sizes.json`). From this directory, with the CLIP to start from exported for",
         "open_clip into `clip-export` (`ovseg export models/pretrain_clip/clip.pt --out <here>/clip-export`,",
-        "or an adapted CLIP's folder; any open_clip model works too: `--model ViT-B-16 --pretrained openai`):",
+        "or an adapted CLIP's folder; any open_clip model works too: `--model ViT-B-16 --pretrained openai`;",
+        "batch and workers fit these shards: open_clip's loader needs a shard per worker and a full batch per worker):",
         "",
         "```",
         "python -m open_clip_train.main --model local-dir:clip-export --dataset-type webdataset \\",
         f"    --train-data '{pattern}' --train-num-samples {pairs} \\",
-        "    --batch-size 64 --epochs 1 --lr 5e-6 --wd 0.2 --workers 2 --logs open_clip_logs",
+        f"    --batch-size {batch} --epochs 1 --lr 5e-6 --wd 0.2 --workers {workers} --logs open_clip_logs",
         "```",
         "",
         f"## Top {min(top_k, len(nouns))} nouns",

@@ -20,6 +20,7 @@ from ovseg_core.shards import (
     PairShardWriter,
     completed_units,
     finalize_dataset,
+    open_clip_trainer_settings,
     pair_key,
     shard_name,
     stats_name,
@@ -248,3 +249,39 @@ def test_writer_rejects_bad_pairs(tmp_path):
     with pytest.raises(ValueError, match="duplicate pair key"):
         write_shard(tmp_path, 0, [pair, pair])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_trainer_settings_fit_the_shards():
+    assert open_clip_trainer_settings([540] * 10) == (2, 64)  # the embedded run's shards: the defaults
+    assert open_clip_trainer_settings([6, 6, 4]) == (2, 4)  # the worker dealt one shard may get the 4-pair one
+    assert open_clip_trainer_settings([16]) == (1, 16)  # one shard: one worker (open_clip asserts shards >= workers)
+
+
+@pytest.mark.slow
+def test_the_cards_open_clip_command_trains_as_printed(tmp_path, units):
+    """The command the dataset card prints, run as printed (from the mined directory, `python` this interpreter)
+    on the tests' shards with a tiny CLIP exported for open_clip: open_clip's trainer finishes its epoch and
+    saves a checkpoint."""
+    import shlex
+
+    import torch
+
+    from ovseg_core.cli import main as ovseg
+    from ovseg_core.clip.models import load_clip, save_clip
+
+    write_units(tmp_path, units)
+    finalize_dataset(tmp_path, PARAMS, "git:abc123")
+    torch.manual_seed(0)
+    save_clip(load_clip("ovseg-tiny-vit"), tmp_path / "clip.pt")
+    assert ovseg(["export", str(tmp_path / "clip.pt"), "--out", str(tmp_path / "clip-export")]) == 0
+    card = (tmp_path / "README.md").read_text()
+    block = card[card.index("python -m open_clip_train.main"):]
+    command = block[:block.index("```")].replace("\\\n", " ")
+    args = shlex.split(command)
+    assert args[:3] == ["python", "-m", "open_clip_train.main"] and args[args.index("--batch-size") + 1] == "4"
+    run = subprocess.run([sys.executable, *args[1:], "--device", "cpu"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert "Train Epoch: 0" in log and "(100%)" in log
+    assert list((tmp_path / "open_clip_logs").glob("*/checkpoints/epoch_1.pt"))
