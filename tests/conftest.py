@@ -209,6 +209,9 @@ def trained_run(tmp_path_factory) -> Path:
     from test_pipeline_e2e import set_key
 
     work = tmp_path_factory.mktemp("trained-run")
+    # the offline NLTK data setup.sh installed, where the stages look for it: .ovseg/ of the working directory
+    (work / ".ovseg").mkdir()
+    (work / ".ovseg" / "nltk_data").symlink_to(ROOT / ".ovseg" / "nltk_data")
     params = load_params(ROOT / "params.yaml")
     for key, value in TRAINED_RUN.items():
         set_key(params, key, copy.deepcopy(value))

@@ -13,6 +13,7 @@ import torch
 from ovseg_core.clip.models import load_clip
 from ovseg_core.compute import CPU_FP32, Placement
 from ovseg_core.datasets.prepared import PreparedDataset
+from ovseg_core.inference import batch_proposals
 from ovseg_core.maskformer.model import load_model
 from ovseg_core.mining import Miner, MiningConfig
 
@@ -44,14 +45,25 @@ def test_batched_mining_gives_the_per_image_pairs(per_image, tiny_world, tiny_mo
     assert batched.keys() == per_image.keys()
     assert all(batched[k].noun == per_image[k].noun and batched[k].image_id == per_image[k].image_id
                for k in per_image)
-    # Float rounding may move a mask pixel across the threshold or a crop pixel by one grey level; count them.
+    # The proposals differ by float rounding only: MaskFormer's mask logits of 8 images in one batch vs one by one
+    # (measured: 3.3e-8 on an Intel Xeon with AMX, 0 on an AMD EPYC whose kernels gave equal bits).
+    net, dataset = load_model(tiny_models.proposal_net)[0], PreparedDataset.load(tiny_world.coco)
+    images = [dataset.load_image(i) for i in range(8)]
+    with torch.no_grad():
+        one_by_one, together = [batch_proposals(net, [im])[0] for im in images], batch_proposals(net, images)
+    assert max(float((a.mask_logits - b.mask_logits).abs().max()) for a, b in zip(one_by_one, together)) < 1e-6
+    # These random-init weights put every mask logit within 0.025 of the threshold's 0 (11% within 1e-3), so that
+    # rounding flips mask pixels wherever the kernels' bits differ: counted and reported (0 on the AMD machine,
+    # 3,189 of 364,544 = 0.9% on the Intel one), bounded loosely; a wrong mask or crop would flip far more.
     flipped = sum(int((batched[k].mask != per_image[k].mask).sum()) for k in per_image)
     total = sum(p.mask.size for p in per_image.values())
     grey = max(int(np.abs(batched[k].crop.astype(int) - per_image[k].crop.astype(int)).max()) for k in per_image)
     print(f"batched vs per-image: {len(per_image)} pairs, {flipped} of {total} mask pixels flipped, "
           f"crop pixels differ by at most {grey}")
-    assert flipped <= total * 1e-4 and grey <= 1
-    assert max(abs(batched[k].score - per_image[k].score) for k in per_image) < 1e-5
+    assert flipped <= total * 0.02
+    # CLIP's scores follow the crops: equal where no pixel flipped, within 0.01 elsewhere (measured 0.004)
+    assert all(abs(batched[k].score - per_image[k].score) < (1e-5 if np.array_equal(batched[k].mask, per_image[k].mask)
+                                                             else 1e-2) for k in per_image)
 
 
 def test_loader_workers_change_nothing(per_image, tiny_world, tiny_models):
