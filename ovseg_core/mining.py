@@ -150,6 +150,14 @@ class _Indices(torch.utils.data.Sampler[int]):
         return len(self.indices)
 
 
+def top_proposals(class_probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the `k` most object-like proposals (objectness = 1 - p(void) = the sum of p_mf over the
+    classes), most object-like first; equal objectness keeps query order (a stable sort: torch's default sort
+    may order ties differently on other devices and thread counts, which would change the mined pairs)."""
+    objectness = class_probs.sum(dim=1)
+    return torch.sort(objectness, descending=True, stable=True).indices[:k]
+
+
 class Miner:
     """Mines the pairs of one prepared dataset with one CLIP and (for proposals) one MaskFormer, both on
     `placement` (they are moved there)."""
@@ -219,12 +227,7 @@ class Miner:
         assert self.proposal_net is not None
         with self.placement.autocast():
             props = batch_proposals(self.proposal_net, [it.image for it in items])
-        out = []
-        for p in props:
-            objectness = p.class_probs.sum(dim=1)
-            top = objectness.argsort(descending=True)[: self.cfg.top_proposals]
-            out.append((p.mask_logits[top].sigmoid(), None))
-        return out
+        return [(p.mask_logits[top_proposals(p.class_probs, self.cfg.top_proposals)].sigmoid(), None) for p in props]
 
     @torch.no_grad()
     def mine_batch(self, items: list[MiningInput]) -> Iterator[Pair]:

@@ -77,6 +77,7 @@ def train_process(paths: dict[str, Any], variant: str, s: dict[str, Any], checkp
 
 def run(ctx: StageContext) -> dict[str, Any]:
     variant, s = ctx.variant_params("adapt_clip")  # common ⊕ modes.<mode> ⊕ variants.<variant>
+    s = ctx.seeded(s)
     paths = ctx.section("adapt_clip")
     compute = ctx.compute
     pairs = Path(paths["pairs"]) / s["pairs"]

@@ -83,6 +83,12 @@ class StageContext:
         shared = {k: v for k, v in section.items() if k not in ("common", "modes", "variants")}
         return {**shared, **self.variant_params(self.name)[1]}
 
+    def seeded(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """`settings` with its `seed` offset by params.yaml's top-level `seed`, the run seed: `dvc exp run -S
+        seed=1` repeats the whole chain (pretraining, MaskFormer, adaptation) with other random draws on the same
+        world (which has its own `world.seed`); run seed 0 leaves every stage's seed as written."""
+        return {**settings, "seed": int(settings.get("seed", 0)) + int(self.params.get("seed") or 0)}
+
     @property
     def compute(self) -> ComputeConfig:
         """Where and how this stage computes (params.yaml `compute`, with this stage's overrides)."""

@@ -93,6 +93,7 @@ def probe_metrics(bundle: ClipBundle, probe: SegmentProbe) -> dict[str, Any]:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     p = ctx.section("pretrain_clip")
+    p = {**p, "train": ctx.seeded(p["train"])}
     compute = ctx.compute
     out, plots = Path(p["out"]), Path(p["plots"])
     plots.mkdir(parents=True, exist_ok=True)

@@ -124,8 +124,9 @@ class Evaluations:
 
 
 class Report:
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: dict[str, Any], seed: int = 0):
         self.s = settings
+        self.seed = seed
         self.evals = Evaluations(Path(settings["evaluations"]))
         self.datasets: list[str] = list(settings["datasets"])
         self.missing: list[str] = []
@@ -350,8 +351,16 @@ class Report:
             "All configured inputs were found.\n"
         title = (f"# {self.s.get('title', 'OVSeg reproduction report')}\n\n"
                  f"Variants evaluated: {', '.join(f'`{v}`' for v in self.evals.by_variant) or 'none'}. "
-                 f"Evaluation sets: {', '.join(self.datasets)}. Scores in %.\n")
+                 f"Evaluation sets: {', '.join(self.datasets)}. Scores in %.\n\n"
+                 f"One run: run seed {self.seed} (params.yaml `seed`). Differences between variants can be of the "
+                 f"size of run-to-run noise; {self._seeds_pointer()}\n")
         return "\n".join([title, sections[0], status, *sections[1:]]), records
+
+    def _seeds_pointer(self) -> str:
+        seeds = self.s.get("seeds")
+        where = f"`{seeds}`" if seeds else "a multi-seed report"
+        return (f"{where} has every score as mean ± standard deviation over several seeds and a verdict for each "
+                "of the paper's claims (`python -m scripts.multi_seed run`, then `report`).")
 
     def _configured_variants(self) -> list[str]:
         """Every variant the headline and the tables name (table2 rows are {variant, mine}; table5 is
@@ -365,7 +374,7 @@ class Report:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     settings = ctx.section("report")
-    report = Report(settings)
+    report = Report(settings, int(ctx.params.get("seed") or 0))
     markdown, headline = report.render()
     write_text(settings["out"], markdown)
     ctx.publish_table("headline", headline, "Headline: zero-shot mIoU / hIoU (%)")

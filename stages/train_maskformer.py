@@ -71,6 +71,7 @@ def train_process(p: dict[str, Any], compute: ComputeConfig) -> tuple[dict[str, 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     p = ctx.section("train_maskformer")
+    p = {**p, "train": ctx.seeded(p["train"])}
     compute = ctx.compute
     trained = launch(train_process, (p, compute), compute, name="train_maskformer")
     if trained is None:

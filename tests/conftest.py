@@ -227,7 +227,8 @@ def trained_run(tmp_path_factory) -> Path:
     return work
 
 
-# Fixtures that cost minutes: every test that uses one is `slow` (`pytest -m "not slow"` is the quick loop).
+# Fixtures that cost minutes: every test that uses one is `slow` (`pytest -m "not slow"` is the quick loop). Keep
+# each one's tests in one file: pytest-xdist (`--dist loadfile`, pyproject.toml) then builds it on one worker only.
 SLOW_FIXTURES = {"trained_run"}
 
 

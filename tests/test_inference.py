@@ -94,6 +94,33 @@ def test_proposals_resize_mode_equals_a_direct_forward(tiny_model):
     assert (props.class_probs.sum(-1) <= 1 + 1e-6).all()  # softmax over K + 1, void dropped
 
 
+@pytest.mark.parametrize("height, width, size", [(50, 90, None), (90, 50, 96), (37, 41, None), (120, 200, None)])
+def test_proposals_at_other_sizes_resize_pad_and_return_to_the_image(tiny_model, height, width, size):
+    """Images that are not the model's input size, from the docstring's recipe written out step by step: short
+    side resized to `size` (crop size by default), padded on the right and bottom to the backbone's stride with
+    the mean colour (0 after normalisation), masks upsampled to the padded input, the padding cut off, and the
+    result resized to the image."""
+    g = torch.Generator().manual_seed(height * width)
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=g)
+    props = proposals(tiny_model, image, size=size)
+
+    short = size or tiny_model.net.crop_size
+    rh, rw = round(height * short / min(height, width)), round(width * short / min(height, width))
+    assert min(rh, rw) == short
+    resized = F.interpolate(image[None].float(), size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
+    stride = tiny_model.net.size_divisibility
+    ph, pw = math.ceil(rh / stride) * stride, math.ceil(rw / stride) * stride
+    padded = torch.zeros(1, 3, ph, pw)
+    padded[..., :rh, :rw] = tiny_model.normalize(resized)
+    with torch.no_grad():
+        out = tiny_model(pixel_values=padded)
+    masks = F.interpolate(out.masks_queries_logits, size=(ph, pw), mode="bilinear", align_corners=False)
+    expected = F.interpolate(masks[..., :rh, :rw], size=(height, width), mode="bilinear", align_corners=False)[0]
+    assert props.mask_logits.shape == (6, height, width)
+    assert torch.allclose(props.mask_logits, expected, atol=1e-5)
+    assert torch.allclose(props.class_probs, out.class_queries_logits[0].softmax(-1)[:, :4], atol=1e-6)
+
+
 def test_proposals_sliding_windows(tiny_model):
     image = torch.randint(0, 256, (3, 64, 150), dtype=torch.uint8)
     props = proposals(tiny_model, image, mode="slide", stride=40)

@@ -26,7 +26,7 @@ from ovseg_core.crops import MaskedCrops, masked_crops
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.inference import proposals
 from ovseg_core.maskformer.model import OpenVocabMaskFormer, load_model
-from ovseg_core.mining import Miner, MiningConfig
+from ovseg_core.mining import Miner, MiningConfig, top_proposals
 from ovseg_core.nouns import NounConfig, NounExtractor
 from ovseg_core.shards import PairDataset, finalize_dataset
 
@@ -212,3 +212,15 @@ def test_training_sample_is_what_mining_stored_and_inference_computes(image_form
         # max ~23 grey levels, the largest where texture meets the flat background); a crop of another
         # proposal or a wrong normalisation is off by tens of levels on average
         assert error.mean() <= 3 and error.flatten().quantile(0.99) <= 16 and error.max() <= 40, stats
+
+
+def test_top_proposals_rank_by_objectness_and_keep_query_order_on_ties():
+    # objectness (the non-void class probabilities summed) per query, exact in binary: 0.5, 0.75, 0.625, 0.75,
+    # 0.25, 0.625, 0.75
+    class_probs = torch.tensor([[0.25, 0.25], [0.5, 0.25], [0.625, 0.0], [0.375, 0.375], [0.125, 0.125],
+                                [0.0, 0.625], [0.75, 0.0]])
+    by_hand = [1, 3, 6, 2, 5, 0, 4]  # most object-like first; equal objectness in query order
+    assert top_proposals(class_probs, 7).tolist() == by_hand
+    assert top_proposals(class_probs, 4).tolist() == by_hand[:4]  # the tie at 0.625 is cut by query order
+    # a hundred tied queries (as an untrained head gives them): the first k, whatever the sort's algorithm
+    assert top_proposals(torch.full((100, 3), 0.3), 16).tolist() == list(range(16))

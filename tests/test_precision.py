@@ -1,30 +1,22 @@
 """bf16 autocast (compute.precision) on the CPU, where torch supports it too: the GPU's number format,
-tested here. Evaluation in bf16 stays within half a point of fp32 mIoU with trained models; trainings
-in bf16 follow the fp32 losses; weights stay fp32, so an update as small as FT's lr 5e-6 is kept."""
+tested here. Trainings in bf16 follow the fp32 losses; weights stay fp32, so an update as small as FT's lr 5e-6
+is kept. (Evaluation in bf16 against fp32 with trained models: tests/test_trained_run.py.)"""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ovseg_core.clip.adapted import load_adapted
 from ovseg_core.clip.models import load_clip
 from ovseg_core.clip.train import train_clip
 from ovseg_core.compute import ComputeConfig, Placement, native_bf16
 from ovseg_core.datasets.prepared import PreparedDataset
-from ovseg_core.evaluation import BRANCHES, BranchSegmenter, evaluate_branches
 from ovseg_core.maskformer import build_model, preset_config
 from ovseg_core.maskformer.data import SemanticDataset
-from ovseg_core.maskformer.model import load_model
 from ovseg_core.maskformer.train import TrainConfig, train
 from test_clip_train import SyntheticPairs, config
 from test_maskformer import class_text, make_prepared
 
 CPU = torch.device("cpu")
-# The issue's bound for bf16 vs fp32 is 0.5 mIoU on the embedded evaluation (150 images; measured 0.00-0.04 with the
-# committed fp32 models on the Intel machine); this test's set is the small trained run's (TRAINED_RUN_EVAL_IMAGES),
-# where a few flipped pixels of a small class move mIoU more: 0.0 on an AMD EPYC (AVX512-BF16), 0.57 on an Intel
-# Xeon (AMX) for the ensemble. A precision bug (a branch left in bf16 end to end, wrong autocast) moves it by points.
-MAX_MIOU_GAP = 1.0
 LOSS_RTOL = 0.02  # per-step CLIP training loss, bf16 vs fp32
 # MaskFormer: the first step (same weights) within LOSS_RTOL; later steps within 5%, since after an update
 # the Hungarian matching may pair a ground-truth mask with another query in the two runs (measured: 2.3%).
@@ -39,21 +31,6 @@ def test_auto_precision_is_bf16_where_native_and_can_be_set():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with Placement(CPU, "fp32").autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-
-
-def test_bf16_evaluation_is_within_half_a_point_of_fp32(trained_run):
-    dataset = PreparedDataset.load(trained_run / "data" / "prepared" / "world-eval")
-    scores = {}
-    for precision in ("fp32", "bf16"):
-        model, _ = load_model(trained_run / "models" / "train_maskformer" / "model.pt")
-        adapted = load_adapted(trained_run / "models" / "pretrain_clip" / "clip.pt", "ovseg-tiny-vit")
-        segmenter = BranchSegmenter.build(model, adapted, dataset.classes, 0.5, placement=Placement(CPU, precision))
-        result = evaluate_branches(segmenter, dataset, 0.7)
-        scores[precision] = {b: m.miou for b, m in result.metrics(dataset.classes, dataset.seen).items()}
-    print("mIoU fp32 / bf16:", {b: (round(scores["fp32"][b], 2), round(scores["bf16"][b], 2)) for b in BRANCHES})
-    assert scores["fp32"]["ensemble"] > 5  # trained models: the comparison is about real predictions
-    for branch in BRANCHES:
-        assert abs(scores["bf16"][branch] - scores["fp32"][branch]) <= MAX_MIOU_GAP, branch
 
 
 @pytest.mark.parametrize("mode", ["ft", "mpt", "pretrain"])

@@ -4,6 +4,7 @@ same images, models, λ and mask threshold, with an adapted CLIP that has mask p
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +13,18 @@ import torch
 from PIL import Image
 
 from ovseg_core.cli import main
-from ovseg_core.clip.adapted import load_adapted, write_adapted
+from ovseg_core.clip.adapted import AdaptedClip, load_adapted, write_adapted
 from ovseg_core.clip.models import load_clip, save_clip
 from ovseg_core.clip.mpt import MaskPrompts, save_prompts
 from ovseg_core.datasets.prepared import PreparedDataset
-from ovseg_core.evaluation import BranchSegmenter, evaluate_branches
+from ovseg_core.evaluation import BranchSegmenter, Example, evaluate_branches
 from ovseg_core.maskformer.model import load_model
 
 IMAGES = 4
-# Not the CLI's defaults, so that a CLI ignoring --lam or --threshold would differ from evaluate.
-LAM, THRESHOLD = 0.55, 0.45
+# Not the CLI's defaults, so that a CLI ignoring --lam or --threshold would differ from evaluate. The tiny random-init
+# proposal net's mask probabilities all lie within 0.5 +- 0.006: at 0.45 every mask covers the whole image, no patch
+# is blank and mask prompts never apply; just above 0.5 the masks are partial, so the prompts count (see below).
+LAM, THRESHOLD = 0.55, 0.502
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +55,20 @@ def test_cli_labels_equal_evaluate_ensemble(adapted, tiny_world, tiny_models, tm
                  "--clip", str(adapted), "--lam", str(LAM), "--threshold", str(THRESHOLD), "--out", str(out),
                  "--device", "cpu", "--precision", "fp32"]) == 0
 
-    segmenter = BranchSegmenter.build(load_model(tiny_models.proposal_net)[0], load_adapted(adapted), dataset.classes,
-                                      THRESHOLD)
-    result = evaluate_branches(segmenter, dataset, LAM, indices=range(IMAGES), keep_examples=IMAGES)
-    assert len(result.examples) == IMAGES
-    for example in result.examples:
+    def evaluate(clip: AdaptedClip) -> list[Example]:
+        segmenter = BranchSegmenter.build(load_model(tiny_models.proposal_net)[0], clip, dataset.classes, THRESHOLD)
+        return evaluate_branches(segmenter, dataset, LAM, indices=range(IMAGES), keep_examples=IMAGES).examples
+
+    with_prompts = load_adapted(adapted)
+    examples = evaluate(with_prompts)
+    assert len(examples) == IMAGES
+    # The case must tell a CLI that dropped the mask prompts from one that kept them: without its prompts the
+    # same CLIP labels a good share of the pixels otherwise (measured: 25 %), far above the rounding allowed below.
+    without = evaluate(replace(with_prompts, prompts=None))
+    changed = np.mean([(a.predictions["ensemble"] != b.predictions["ensemble"]).mean() for a, b in zip(examples, without)])
+    print(f"pixels the prompts change: {100 * changed:.1f} %")
+    assert changed >= 0.05
+    for example in examples:
         stem = Path(dataset.image_path(example.index)).stem
         cli = np.asarray(Image.open(out / f"{stem}.labels.png"), dtype=np.int64)
         expected = example.predictions["ensemble"]

@@ -1,0 +1,262 @@
+"""The whole chain over several seeds, and the paper's claims judged from them, not from one run.
+
+    python -m scripts.multi_seed run --seeds 0 1 2     # each seed not yet collected: the chain, then collect
+    python -m scripts.multi_seed report                # reports/seeds.md and reports/seeds.json
+
+`run` reproduces the chain once per seed on the same world: for params.yaml's own `seed` a plain `dvc repro`, for
+every other seed a DVC experiment, `dvc exp run -S seed=N --name seed-N` (so `dvc exp show` lists them with their
+headline metrics; each training stage's seed is offset by the run seed, see stages/common.py). After each run the
+evaluation scores (`report.evaluations`) and the sweep's best cell are copied to `reports/seeds/seed-N/` (a few KB,
+committed with the report), and at the end the workspace is put back to params.yaml's seed (`git checkout
+params.yaml dvc.lock`, `dvc checkout`).
+
+`report` reads every `reports/seeds/seed-*/` and writes every evaluated score as mean ± standard deviation over the
+seeds, and a verdict for each claim of the paper. A claim "A > B" is judged on the paired differences A − B of the
+same seed (the seeds share nothing else, so the pairing removes the run-to-run noise common to both): **holds** when
+their mean is more than two standard errors above 0, **reversed** when more than two standard errors below, and
+**within noise** otherwise. With three seeds two standard errors is a loose bar (Student's t with 2 degrees of
+freedom puts 95 % at 4.3), so "holds" and "reversed" mean "consistent across these seeds", no more.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+SEEDS_DIR = Path("reports/seeds")
+METRICS = ("mIoU", "seen_mIoU", "unseen_mIoU", "hIoU")
+BRANCHES = ("ensemble", "clip", "maskformer")
+Z = 2.0  # standard errors of the mean paired difference that a verdict needs
+
+
+@dataclass(frozen=True)
+class Claim:
+    """"`better` scores higher than `worse`" (each (variant, branch, metric) on the report's first dataset);
+    `paper` says where the paper makes the claim."""
+    name: str
+    paper: str
+    better: tuple[str, str, str]
+    worse: tuple[str, str, str]
+
+
+CLAIMS = (
+    Claim("adapted CLIP (FT→MPT) > original CLIP", "Table 3", ("ft-mpt", "ensemble", "mIoU"),
+          ("original", "ensemble", "mIoU")),
+    Claim("MPT > original CLIP", "Table 3 (a)", ("mpt", "ensemble", "mIoU"), ("original", "ensemble", "mIoU")),
+    Claim("FT > original CLIP", "Table 3 (b)", ("ft", "ensemble", "mIoU"), ("original", "ensemble", "mIoU")),
+    Claim("FT→MPT > FT", "Table 3 (c) vs (b)", ("ft-mpt", "ensemble", "mIoU"), ("ft", "ensemble", "mIoU")),
+    Claim("FT→MPT > MPT", "Table 3 (c) vs (a)", ("ft-mpt", "ensemble", "mIoU"), ("mpt", "ensemble", "mIoU")),
+    Claim("caption nouns > GT classes on unseen classes (proposal masks)", "Table 2 (3) vs (1)",
+          ("ft", "ensemble", "unseen_mIoU"), ("ft-gt-classes", "ensemble", "unseen_mIoU")),
+    Claim("caption nouns > GT classes on unseen classes (GT masks)", "Table 2 (2) vs (1)",
+          ("ft-gt-nouns", "ensemble", "unseen_mIoU"), ("ft-gt-classes", "ensemble", "unseen_mIoU")),
+    Claim("ensemble > MaskFormer's class prediction alone", "Table 6", ("ft-mpt", "ensemble", "mIoU"),
+          ("ft-mpt", "maskformer", "mIoU")),
+    Claim("ensemble > CLIP's class prediction alone", "Table 6", ("ft-mpt", "ensemble", "mIoU"),
+          ("ft-mpt", "clip", "mIoU")),
+)
+DEPTH_VARIANTS = {1: "mpt-depth1", 3: "mpt", 6: "mpt-depth6"}  # Table 5 (w/o FT), when the ablation ran
+
+
+def verdict(differences: Sequence[float], z: float = Z) -> dict[str, Any]:
+    """Mean, standard deviation and standard error of paired differences, and the verdict (module docstring)."""
+    n = len(differences)
+    mean = statistics.fmean(differences)
+    if n < 2:
+        return {"seeds": n, "mean": mean, "std": None, "se": None, "verdict": "one seed: no verdict"}
+    std = statistics.stdev(differences)
+    se = std / math.sqrt(n)
+    word = "holds" if mean - z * se > 0 else "reversed" if mean + z * se < 0 else "within noise"
+    return {"seeds": n, "mean": mean, "std": std, "se": se, "verdict": word}
+
+
+def load_seeds(root: Path = SEEDS_DIR) -> dict[int, dict[str, Any]]:
+    """{seed: {"evaluations": {variant: scores}, "sweep": best cell or None}} for every collected seed."""
+    seeds = {}
+    for d in sorted(root.glob("seed-*"), key=lambda p: int(p.name.split("-", 1)[1])):
+        evals = {p.stem: json.loads(p.read_text()) for p in sorted((d / "evaluate").glob("*.json"))}
+        sweep = d / "sweep.json"
+        seeds[int(d.name.split("-", 1)[1])] = {"evaluations": evals,
+                                               "sweep": json.loads(sweep.read_text()) if sweep.is_file() else None}
+    return seeds
+
+
+def score(run: dict[str, Any], dataset: str, key: tuple[str, str, str]) -> float | None:
+    variant, branch, metric = key
+    return (run["evaluations"].get(variant, {}).get(dataset, {}).get(branch) or {}).get(metric)
+
+
+def judge(seeds: dict[int, dict[str, Any]], dataset: str) -> list[dict[str, Any]]:
+    """Every claim's paired differences over the seeds that evaluated both sides, and its verdict."""
+    judged = []
+    for claim in CLAIMS:
+        pairs = [(score(r, dataset, claim.better), score(r, dataset, claim.worse)) for r in seeds.values()]
+        diffs = [a - b for a, b in pairs if a is not None and b is not None]
+        entry = {"claim": claim.name, "paper": claim.paper, "better": "/".join(claim.better),
+                 "worse": "/".join(claim.worse), "differences": [round(d, 4) for d in diffs]}
+        judged.append({**entry, **(verdict(diffs) if diffs else {"seeds": 0, "verdict": "not evaluated"})})
+    depths = {d: v for d, v in DEPTH_VARIANTS.items() if all(v in r["evaluations"] for r in seeds.values())}
+    if len(depths) > 1:
+        # "roughly flat": no depth differs from the default depth 3 by more than the noise
+        others = [verdict([score(r, dataset, (v, "ensemble", "mIoU")) - score(r, dataset, ("mpt", "ensemble", "mIoU"))
+                           for r in seeds.values()]) for d, v in depths.items() if d != 3]
+        flat = all(o["verdict"] == "within noise" for o in others)
+        judged.append({"claim": "prompt depth roughly flat (depth 1 and 6 vs 3)", "paper": "Table 5",
+                       "differences": [round(o["mean"], 4) for o in others], "seeds": len(seeds),
+                       "verdict": "holds" if flat else "not flat"})
+    else:
+        judged.append({"claim": "prompt depth roughly flat", "paper": "Table 5", "seeds": 0,
+                       "verdict": "not evaluated: the depth ablation (mpt-depth1, mpt-depth6) did not run"})
+    return judged
+
+
+def cells(seeds: dict[int, dict[str, Any]], dataset: str) -> list[dict[str, Any]]:
+    """Mean and standard deviation over the seeds of every (variant, branch, metric) evaluated in every seed."""
+    variants = sorted(set.intersection(*(set(r["evaluations"]) for r in seeds.values())))
+    rows = []
+    for variant in variants:
+        for branch in BRANCHES:
+            values = {m: [score(r, dataset, (variant, branch, m)) for r in seeds.values()] for m in METRICS}
+            if any(v is None for vs in values.values() for v in vs):
+                continue
+            rows.append({"variant": variant, "branch": branch,
+                         **{m: {"mean": statistics.fmean(vs), "std": statistics.stdev(vs) if len(vs) > 1 else None}
+                            for m, vs in values.items()}})
+    return rows
+
+
+def fmt(mean: float, std: float | None) -> str:
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def render(seeds: dict[int, dict[str, Any]], dataset: str, judged: list[dict[str, Any]],
+           rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"# OVSeg on the embedded world over {len(seeds)} seeds", "",
+             f"Run seeds {', '.join(map(str, seeds))} of the whole chain (CLIP pretraining, MaskFormer, mining, "
+             f"adaptation, evaluation) on one world; evaluation set `{dataset}`; scores in %, mean ± standard "
+             "deviation over the seeds. Written by `python -m scripts.multi_seed report` from `reports/seeds/`"
+             f"{'; the runs took ' + meta['wall'] if meta.get('wall') else ''}.", "",
+             "## The paper's claims", "",
+             "Verdict from the paired differences (same seed) of the two sides: *holds* / *reversed* when their mean "
+             f"is more than {Z:g} standard errors above / below 0, else *within noise* (see scripts/multi_seed.py).",
+             "", "| claim | paper | difference, mean ± std | per seed | verdict |", "|---|---|---|---|---|"]
+    for j in judged:
+        diff = fmt(j["mean"], j.get("std")) if "mean" in j else "–"
+        per_seed = ", ".join(f"{d:+.1f}" for d in j.get("differences", [])) or "–"
+        lines.append(f"| {j['claim']} | {j['paper']} | {diff} | {per_seed} | **{j['verdict']}** |")
+    lines += ["", "The claim that caption nouns also generalise to a larger vocabulary (Table 2, A-847 and PC-459) "
+              "cannot be judged here: the embedded world has no evaluation set whose vocabulary is larger than the "
+              "training vocabulary.", ""]
+    best = [(s, r["sweep"]) for s, r in seeds.items() if r["sweep"]]
+    if best:
+        lines += ["## λ × mask threshold sweep (world-val)", "", "| seed | best λ | best threshold | mIoU |",
+                  "|---|---|---|---|"]
+        lines += [f"| {s} | {b.get('best_lambda')} | {b.get('best_threshold')} | {b.get('best_mIoU')} |" for s, b in best]
+        lines += ["", "The paper uses λ = 0.7 on ADE-150; the report evaluates with params.yaml's λ.", ""]
+    lines += ["## Every score", "", "| variant | branch | " + " | ".join(METRICS) + " |",
+              "|---|---|" + "---|" * len(METRICS)]
+    lines += [f"| `{r['variant']}` | {r['branch']} | " +
+              " | ".join(fmt(r[m]["mean"], r[m]["std"]) for m in METRICS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_md: Path, out_json: Path, dataset: str, root: Path = SEEDS_DIR) -> dict[str, Any]:
+    seeds = load_seeds(root)
+    if not seeds:
+        sys.exit(f"no seeds collected under {root}/ (run `python -m scripts.multi_seed run --seeds 0 1 2` first)")
+    meta = json.loads((root / "runs.json").read_text()) if (root / "runs.json").is_file() else {}
+    judged, rows = judge(seeds, dataset), cells(seeds, dataset)
+    wall = meta.get("wall_s")
+    meta["wall"] = f"{sum(wall.values()) / 60:.0f} min on {meta.get('machine', '?')}" if wall else None
+    out_md.write_text(render(seeds, dataset, judged, rows, meta))
+    record = {"seeds": sorted(seeds), "dataset": dataset, "claims": judged, "scores": rows, "runs": meta}
+    out_json.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def sh(*cmd: str) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def collect(seed: int, params: dict[str, Any], root: Path) -> None:
+    """Copy this workspace's evaluation scores and sweep result to `root/seed-<seed>/`."""
+    dest = root / f"seed-{seed}"
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(params["report"]["evaluations"], tmp / "evaluate")
+    sweep = Path(params["report"]["sweep"])
+    if sweep.is_file():
+        shutil.copy2(sweep, tmp / "sweep.json")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def run_seeds(seeds: Sequence[int], root: Path, force: bool) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    own = int(params.get("seed") or 0)
+    runs_file = root / "runs.json"
+    meta = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
+    meta.setdefault("wall_s", {})
+    meta.update(date=datetime.date.today().isoformat(), machine=machine(),
+                command="python -m scripts.multi_seed run --seeds " + " ".join(map(str, seeds)))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        for seed in seeds:
+            if (root / f"seed-{seed}").is_dir() and not force:
+                print(f"seed {seed}: collected already ({root}/seed-{seed}); --force reruns it")
+                continue
+            t0 = time.perf_counter()
+            if seed == own:
+                sh("dvc", "repro")
+            else:
+                sh("dvc", "exp", "run", "--force", "-S", f"seed={seed}", "--name", f"seed-{seed}")
+            collect(seed, params, root)
+            meta["wall_s"][str(seed)] = round(time.perf_counter() - t0, 1)
+            runs_file.write_text(json.dumps(meta, indent=1) + "\n")
+    finally:
+        if any(s != own for s in seeds):  # back to params.yaml's seed and its results
+            sh("git", "checkout", "--", "params.yaml", "dvc.lock")
+            sh("dvc", "checkout", "--force")
+
+
+def machine() -> str:
+    import os
+    import platform
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the chain for each seed not collected yet, then collect its scores")
+    r.add_argument("--seeds", type=int, nargs="+", required=True)
+    r.add_argument("--force", action="store_true", help="rerun seeds that are collected already")
+    sub.add_parser("report", help="aggregate reports/seeds/seed-*/ into reports/seeds.md and reports/seeds.json")
+    args = ap.parse_args(argv)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    if args.cmd == "run":
+        run_seeds(args.seeds, SEEDS_DIR, args.force)
+    dataset = params["report"]["datasets"][0]
+    out_md = Path(params["report"].get("seeds") or "reports/seeds.md")
+    record = write_report(out_md, out_md.with_suffix(".json"), dataset)
+    for j in record["claims"]:
+        print(f"{j['verdict']:>14}  {j['claim']}")
+    print(f"wrote {out_md} and {out_md.with_suffix('.json')} ({len(record['seeds'])} seeds)")
+
+
+if __name__ == "__main__":
+    main()

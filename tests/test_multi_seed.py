@@ -1,0 +1,75 @@
+"""The multi-seed report: verdicts from paired differences, mean ± std of every score, on hand-built seed results."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from scripts.multi_seed import CLAIMS, judge, load_seeds, verdict, write_report
+
+DATASET = "world-eval"
+
+
+def test_verdict_needs_the_mean_difference_two_standard_errors_from_zero():
+    assert verdict([1.0, 2.0, 3.0])["verdict"] == "holds"  # mean 2, se 0.58
+    assert verdict([-1.0, -2.0, -3.0])["verdict"] == "reversed"
+    assert verdict([3.0, -1.0, 1.0])["verdict"] == "within noise"  # mean 1, se 1.15
+    assert verdict([0.5, 0.6, 3.0])["verdict"] == "within noise"  # all positive, but mean 1.37 < 2 x se 0.81
+    one = verdict([4.0])
+    assert one["verdict"] == "one seed: no verdict" and one["std"] is None
+    v = verdict([1.0, 2.0, 6.0])
+    assert v["mean"] == pytest.approx(3.0) and v["std"] == pytest.approx(statistics.stdev([1, 2, 6]))
+    assert v["se"] == pytest.approx(v["std"] / 3 ** 0.5)
+
+
+def scores(miou: float, unseen: float = 1.0) -> dict:
+    return {"mIoU": miou, "seen_mIoU": miou + 1, "unseen_mIoU": unseen, "hIoU": unseen / 2}
+
+
+def write_seed(root: Path, seed: int, by_variant: dict[str, dict[str, dict]], sweep: dict | None = None) -> None:
+    d = root / f"seed-{seed}" / "evaluate"
+    d.mkdir(parents=True)
+    for variant, branches in by_variant.items():
+        (d / f"{variant}.json").write_text(json.dumps({DATASET: branches}))
+    if sweep:
+        (root / f"seed-{seed}" / "sweep.json").write_text(json.dumps(sweep))
+
+
+@pytest.fixture
+def three_seeds(tmp_path) -> Path:
+    """ft-mpt beats original by 2-4 points in every seed; mpt vs original flips sign; GT classes beat caption nouns
+    on unseen classes in every seed (a reversed claim)."""
+    root = tmp_path / "seeds"
+    for seed, (orig, ftmpt, mpt) in enumerate([(10.0, 12.0, 11.0), (11.0, 15.0, 10.0), (9.0, 12.0, 9.5)]):
+        ens = lambda m, u=1.0: {"ensemble": scores(m, u), "clip": scores(m - 3), "maskformer": scores(m - 5)}  # noqa: E731
+        write_seed(root, seed, {"original": ens(orig), "ft-mpt": ens(ftmpt), "mpt": ens(mpt), "ft": ens(ftmpt - 1),
+                                "ft-gt-classes": ens(ftmpt, u=5.0 + seed), "ft-gt-nouns": ens(ftmpt, u=2.0)},
+                   {"best_lambda": 0.6 + 0.1 * seed, "best_threshold": 0.5, "best_mIoU": 20.0})
+    return root
+
+
+def test_claims_are_judged_from_the_seeds(three_seeds):
+    judged = {j["claim"]: j for j in judge(load_seeds(three_seeds), DATASET)}
+    assert len(judged) == len(CLAIMS) + 1  # and Table 5's, which did not run here
+    adapted = judged["adapted CLIP (FT→MPT) > original CLIP"]
+    assert adapted["differences"] == [2.0, 4.0, 3.0] and adapted["verdict"] == "holds"
+    assert judged["MPT > original CLIP"]["differences"] == [1.0, -1.0, 0.5]
+    assert judged["MPT > original CLIP"]["verdict"] == "within noise"
+    nouns = judged["caption nouns > GT classes on unseen classes (proposal masks)"]
+    assert nouns["differences"] == [-4.0, -5.0, -6.0] and nouns["verdict"] == "reversed"
+    assert judged["ensemble > MaskFormer's class prediction alone"]["verdict"] == "holds"  # +5 every seed: sd 0
+    assert judged["prompt depth roughly flat"]["verdict"].startswith("not evaluated")
+
+
+def test_report_lists_verdicts_and_every_score_as_mean_and_std(three_seeds, tmp_path):
+    record = write_report(tmp_path / "seeds.md", tmp_path / "seeds.json", DATASET, three_seeds)
+    text = (tmp_path / "seeds.md").read_text()
+    assert record["seeds"] == [0, 1, 2]
+    assert "| MPT > original CLIP | Table 3 (a) | 0.2 ± 1.0 | +1.0, -1.0, +0.5 | **within noise** |" in text
+    original = next(r for r in record["scores"] if r["variant"] == "original" and r["branch"] == "ensemble")
+    assert original["mIoU"]["mean"] == pytest.approx(10.0) and original["mIoU"]["std"] == pytest.approx(1.0)
+    assert "| `original` | ensemble | 10.0 ± 1.0 | 11.0 ± 1.0 | 1.0 ± 0.0 | 0.5 ± 0.0 |" in text
+    assert "| 2 | 0.8 | 0.5 | 20.0 |" in text  # the sweep's best cell per seed
+    assert json.loads((tmp_path / "seeds.json").read_text())["claims"] == record["claims"]
