@@ -7,8 +7,9 @@
 every other seed a DVC experiment, `dvc exp run -S seed=N --name seed-N` (so `dvc exp show` lists them with their
 headline metrics; each training stage's seed is offset by the run seed, see stages/common.py). After each run the
 evaluation scores (`report.evaluations`) and the sweep's best cell are copied to `reports/seeds/seed-N/` (a few KB,
-committed with the report), and at the end the workspace is put back to params.yaml's seed (`git checkout
-params.yaml dvc.lock`, `dvc checkout`).
+committed with the report), and at the end the workspace is put back to params.yaml's seed: every file git tracks
+(params.yaml, dvc.lock and the stages' uncached metrics, plots and report) as it was before the first experiment,
+then `dvc checkout` for the cached outputs.
 
 `report` reads every `reports/seeds/seed-*/` and writes every evaluated score as mean ± standard deviation over the
 seeds, and a verdict for each claim of the paper. A claim "A > B" is judged on the paired differences A − B of the
@@ -23,6 +24,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -186,8 +188,11 @@ def write_report(out_md: Path, out_json: Path, dataset: str, root: Path = SEEDS_
 
 
 def sh(*cmd: str) -> None:
+    """Run a command; `dvc` is this environment's, and so is dvc.yaml's `python`, also when it was not activated."""
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), *cmd[1:]] if cmd[0] == "dvc" else cmd, check=True,
+                   env=env)
 
 
 def collect(seed: int, params: dict[str, Any], root: Path) -> None:
@@ -212,27 +217,47 @@ def run_seeds(seeds: Sequence[int], root: Path, force: bool) -> None:
     meta.update(date=datetime.date.today().isoformat(), machine=machine(),
                 command="python -m scripts.multi_seed run --seeds " + " ".join(map(str, seeds)))
     root.mkdir(parents=True, exist_ok=True)
+    # params.yaml's own seed first, so that its results are what the workspace is put back to at the end
+    todo = [s for s in sorted(seeds, key=lambda s: s != own) if force or not (root / f"seed-{s}").is_dir()]
+    print(f"seeds to run: {todo or 'none'} (collected already: {sorted(set(seeds) - set(todo))})", flush=True)
+    kept: dict[Path, bytes] = {}
     try:
-        for seed in seeds:
-            if (root / f"seed-{seed}").is_dir() and not force:
-                print(f"seed {seed}: collected already ({root}/seed-{seed}); --force reruns it")
-                continue
+        for seed in todo:
             t0 = time.perf_counter()
             if seed == own:
                 sh("dvc", "repro")
             else:
+                kept = kept or tracked_files(exclude=root)
                 sh("dvc", "exp", "run", "--force", "-S", f"seed={seed}", "--name", f"seed-{seed}")
             collect(seed, params, root)
             meta["wall_s"][str(seed)] = round(time.perf_counter() - t0, 1)
             runs_file.write_text(json.dumps(meta, indent=1) + "\n")
     finally:
-        if any(s != own for s in seeds):  # back to params.yaml's seed and its results
-            sh("git", "checkout", "--", "params.yaml", "dvc.lock")
+        if kept:  # back to params.yaml's seed and its results
+            restore(kept)
             sh("dvc", "checkout", "--force")
 
 
+def tracked_files(exclude: Path) -> dict[Path, bytes]:
+    """The bytes of every file git tracks outside `exclude` (a few MB: code, params, lock, metrics, plots).
+
+    An experiment rewrites params.yaml and dvc.lock, and also the outputs DVC does not cache (metrics, plots, the
+    report), which `dvc checkout` cannot bring back; so they are kept here before the first experiment."""
+    names = subprocess.run(["git", "ls-files", "-z"], check=True, capture_output=True).stdout.decode().split("\0")
+    files = (Path(n) for n in names if n)
+    return {f: f.read_bytes() for f in files if f.is_file() and exclude.resolve() not in f.resolve().parents}
+
+
+def restore(kept: dict[Path, bytes]) -> None:
+    """Write back each kept file whose bytes changed (to a temporary name, then renamed)."""
+    for path, data in kept.items():
+        if not path.is_file() or path.read_bytes() != data:
+            tmp = path.with_name(path.name + ".seedtmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+
+
 def machine() -> str:
-    import os
     import platform
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"

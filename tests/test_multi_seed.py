@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from scripts.multi_seed import CLAIMS, judge, load_seeds, verdict, write_report
+from scripts.multi_seed import CLAIMS, judge, load_seeds, restore, tracked_files, verdict, write_report
 
 DATASET = "world-eval"
 
@@ -73,3 +74,28 @@ def test_report_lists_verdicts_and_every_score_as_mean_and_std(three_seeds, tmp_
     assert "| `original` | ensemble | 10.0 ± 1.0 | 11.0 ± 1.0 | 1.0 ± 0.0 | 0.5 ± 0.0 |" in text
     assert "| 2 | 0.8 | 0.5 | 20.0 |" in text  # the sweep's best cell per seed
     assert json.loads((tmp_path / "seeds.json").read_text())["claims"] == record["claims"]
+
+
+def test_the_workspace_is_put_back_after_the_experiments_except_the_collected_seeds(tmp_path, monkeypatch):
+    """An experiment rewrites tracked files DVC does not cache (metrics, the report); they must come back as they
+    were, while what the run collected under reports/seeds/ stays."""
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    files = {"params.yaml": "seed: 0\n", "metrics/evaluate/original.json": '{"mIoU": 20.1}\n',
+             "reports/report.md": "seed 0\n", "reports/seeds/runs.json": '{"wall_s": {}}\n'}
+    for name, text in files.items():
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        Path(name).write_text(text)
+    subprocess.run(["git", "add", "."], check=True)
+    kept = tracked_files(exclude=Path("reports/seeds"))
+    assert set(kept) == {Path(n) for n in files} - {Path("reports/seeds/runs.json")}
+
+    Path("params.yaml").write_text("seed: 2\n")  # what `dvc exp run -S seed=2` leaves behind
+    Path("metrics/evaluate/original.json").write_text('{"mIoU": 17.0}\n')
+    Path("reports/report.md").unlink()
+    Path("reports/seeds/runs.json").write_text('{"wall_s": {"2": 1000}}\n')
+    restore(kept)
+    for name in ("params.yaml", "metrics/evaluate/original.json", "reports/report.md"):
+        assert Path(name).read_text() == files[name], name
+    assert Path("reports/seeds/runs.json").read_text() == '{"wall_s": {"2": 1000}}\n'
+    assert not list(tmp_path.rglob("*.seedtmp"))
