@@ -4,6 +4,8 @@
     ovseg segment IMAGE ... --classes ... --masks sam.json    # your own masks (COCO RLE JSON) instead of proposals
     ovseg export models/adapt_clip/ft-mpt --out export/ft-mpt    # open_clip / OpenAI files (clip.export)
     ovseg import-ovseg ovseg_swinbase_vitL14_ft_mpt.pth --out models/adapt_clip/ovseg   # its CLIP (clip.ovseg_release)
+    ovseg import-ovseg ovseg_swinbase_vitL14_ft_mpt.pth --out models/adapt_clip/ovseg \
+        --proposals-out models/train_maskformer/ovseg.pt                               # and its proposal network
 
 For each image, three files in --out, each written atomically and all three only once the image is
 fully segmented (a bad image leaves nothing behind):
@@ -215,24 +217,41 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
 
 def run_import_ovseg(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
-        written = import_release(args.checkpoint, args.out, args.name)
+        classes = None if args.classes is None else normalize_classes(args.classes)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        adapted, proposals = import_release(args.checkpoint, args.out, args.name, args.proposals_out, classes)
     except DataError as e:
         print(f"ovseg import-ovseg: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {written}: use it as --clip {args.out} (ovseg segment) or as an evaluate variant's clip")
+    print(f"wrote {adapted}: use it as --clip {args.out} (ovseg segment) or as an evaluate variant's clip")
+    if proposals is not None:
+        print(f"wrote {proposals}: use it as --maskformer {proposals} (ovseg segment)")
+    elif args.proposals_out is not None:
+        print(f"{args.checkpoint} holds no proposal network: wrote the CLIP only")
     return 0
 
 
 def add_import_ovseg(subparsers: argparse._SubParsersAction) -> None:
     p = _command(
         subparsers, "import-ovseg", run_import_ovseg,
-        help="the adapted CLIP of an OVSeg release (e.g. ovseg_swinbase_vitL14_ft_mpt.pth)",
+        help="the adapted CLIP (and proposal network) of an OVSeg release (e.g. ovseg_swinbase_vitL14_ft_mpt.pth)",
         description="Write the CLIP and mask prompts of one of OVSeg's released checkpoints as an adapted-CLIP "
-                    "directory (see ovseg_core/clip/ovseg_release.py; the proposal network is not mapped).",
-        epilog="exit status: 0 written; 1 the checkpoint could not be read or lacks OVSeg's CLIP keys.")
+                    "directory and, with --proposals-out, the Swin-B release's proposal network as a proposal "
+                    "network file (see ovseg_core/clip/ovseg_release.py; the ResNet-101c release's proposal "
+                    "network is not mapped).",
+        epilog="exit status: 0 written; 1 the checkpoint could not be read, lacks OVSeg's CLIP keys or (with "
+               "--proposals-out) holds a proposal network that does not map; nothing is written then.")
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
     p.add_argument("--out", type=Path, required=True, help="adapted-CLIP directory to write")
     p.add_argument("--name", default="ovseg", help="the adapted CLIP's name (default ovseg)")
+    p.add_argument("--proposals-out", type=Path, metavar="FILE",
+                   help="also write the release's proposal network to FILE (e.g. models/train_maskformer/ovseg.pt; "
+                        "use it as ovseg segment --maskformer FILE); a checkpoint without one imports the CLIP only")
+    p.add_argument("--classes", help="comma-separated vocabulary stored with --proposals-out, encoded by the "
+                                     "release's CLIP (default: COCO-Stuff's 171 classes, the release's training "
+                                     "set; ovseg segment sets its own)")
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_segment, add_export, add_import_ovseg)

@@ -1,34 +1,43 @@
 """OVSeg's released checkpoints (`ovseg_swinbase_vitL14_ft_mpt.pth`, `ovseg_R101c_vitB16_ft_mpt.pth`): their
-adapted CLIP as one of the project's adapted-CLIP directories (`ovseg_core.clip.adapted`).
+adapted CLIP as one of the project's adapted-CLIP directories (`ovseg_core.clip.adapted`) and, on request, the
+Swin-B release's proposal network as a project proposal-network file (`maskformer.model.save_model`).
 
 A released file is a detectron2 checkpoint, `{"model": state dict, ...}`. ov-seg's `OVSeg` model keeps its
 `MaskFormerClipAdapter` as `clip_adapter`, whose `clip_model` is OpenAI's CLIP (ov-seg's copy of the `clip`
 package) with the mask prompts as `visual.mask_embedding` [depth, grid², width] (ov-seg's
 `tools/ovseg_replace_clip.py` writes fine-tuned weights there under `clip_adapter.clip_model.`). OpenAI's
 layout is open_clip's CLIP layout (`export.openai_state_dict`), so the CLIP loads strictly into open_clip's
-QuickGELU architecture. Not mapped: `clip_adapter.non_object_embedding` (ov-seg's void text embedding; the
-project's void belongs to its proposal network) and the proposal network itself (`backbone.*`,
-`sem_seg_head.*`: detectron2's Swin-B / ResNet-101c MaskFormer).
+QuickGELU architecture.
+
+The proposal network (`backbone.*`: detectron2's Swin; `sem_seg_head.*`: MaskFormer's pixel decoder and ov-seg's
+transformer predictor; `clip_adapter.non_object_embedding`: the void class) maps onto the project's
+transformers MaskFormer by `maskformer.detectron2_weights`, sized from the tensors (the `paper-swin-b` preset
+for the real release). Its vocabulary's text features come from the release's own CLIP, as in ov-seg's
+inference. The ResNet-101c release's proposal network is not mapped (a DataError says why).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import open_clip
 import torch
 
 from ..errors import DataError
+from ..maskformer.detectron2_weights import has_proposal_network, load_release_proposals, release_net
+from ..maskformer.model import OpenVocabMaskFormer, preset_config, save_model
 from .adapted import write_adapted
 from .models import load_clip, save_clip
 from .mpt import MaskPrompts, save_prompts
+from .text import text_features
 
 CLIP_PREFIX = "clip_adapter.clip_model."
 PROMPTS_KEY = "visual.mask_embedding"
 ARCHS = ("ViT-L-14-quickgelu", "ViT-B-16-quickgelu")  # the CLIPs of ov-seg's two releases
 
 
-def read_release(path: str | Path) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The CLIP state dict (OpenAI layout) and the mask prompts (or None) of a released checkpoint."""
+def read_release(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a released checkpoint (detectron2's `{"model": ...}`)."""
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -36,8 +45,12 @@ def read_release(path: str | Path) -> tuple[dict[str, torch.Tensor], torch.Tenso
         raise DataError(path, "OVSeg checkpoint not found") from e
     except Exception as e:  # noqa: BLE001 - any unreadable file is a data error naming the file
         raise DataError(path, f"not a readable checkpoint ({type(e).__name__}: {e})") from e
-    model = payload.get("model", payload) if isinstance(payload, dict) else {}
-    clip = {k[len(CLIP_PREFIX):]: v for k, v in model.items() if k.startswith(CLIP_PREFIX)}
+    return payload.get("model", payload) if isinstance(payload, dict) else {}
+
+
+def release_clip(path: Path, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The CLIP state dict (OpenAI layout) and the mask prompts (or None) of a release's state dict."""
+    clip = {k[len(CLIP_PREFIX):]: v for k, v in state.items() if k.startswith(CLIP_PREFIX)}
     if not clip:
         raise DataError(path, f"no OVSeg CLIP in it (no keys {CLIP_PREFIX}* under 'model')")
     return clip, clip.pop(PROMPTS_KEY, None)
@@ -54,17 +67,23 @@ def release_arch(path: Path, clip: dict[str, torch.Tensor]) -> str:
     raise DataError(path, f"{CLIP_PREFIX}visual.conv1.weight of shape {shape} is neither of ov-seg's CLIPs {ARCHS}")
 
 
-def import_release(path: str | Path, out: str | Path, name: str = "ovseg") -> Path:
-    """Write the adapted-CLIP directory `out` (clip.pt, prompts.pt, adapted.json) from a released checkpoint."""
+def import_release(path: str | Path, out: str | Path, name: str = "ovseg", proposals_out: str | Path | None = None,
+                   classes: Sequence[str] | None = None) -> tuple[Path, Path | None]:
+    """Write the adapted-CLIP directory `out` (clip.pt, prompts.pt, adapted.json) from a released checkpoint and,
+    given `proposals_out`, its proposal network there, with the text features of `classes` (default: the
+    release's training classes, COCO-Stuff's 171) from the release's CLIP. Everything is checked before
+    anything is written. Returns adapted.json and the proposal network file (None: none written, also when
+    the checkpoint holds no proposal network)."""
     path, out = Path(path), Path(out)
-    clip, prompts = read_release(path)
+    state = read_release(path)
+    clip, prompts = release_clip(path, state)
     arch = release_arch(path, clip)
     bundle = load_clip(arch)
     result = bundle.model.load_state_dict(clip, strict=False)  # fp16 matrices are copied into fp32 parameters
     if result.missing_keys or result.unexpected_keys:
         raise DataError(path, f"does not hold ov-seg's {arch} CLIP: missing {sorted(result.missing_keys)}, "
                               f"unexpected {sorted(result.unexpected_keys)} (under {CLIP_PREFIX})")
-    prompts_file = None
+    mask_prompts = None
     if prompts is not None:
         mask_prompts = MaskPrompts.for_visual(bundle.model.visual, depth=prompts.shape[0])
         if mask_prompts.mask_embedding.shape != prompts.shape:
@@ -72,6 +91,18 @@ def import_release(path: str | Path, out: str | Path, name: str = "ovseg") -> Pa
                                   f"{tuple(mask_prompts.mask_embedding.shape)} as {arch} needs")
         with torch.no_grad():
             mask_prompts.mask_embedding.copy_(prompts)
-        prompts_file = save_prompts(mask_prompts, out / "prompts.pt", arch)
-    weights = save_clip(bundle, out / "clip.pt")
-    return write_adapted(out, name, arch, weights, prompts_file)
+    proposals = None
+    if proposals_out is not None and has_proposal_network(state):
+        if classes is None:
+            from ..datasets.coco_stuff import png_classes  # imported here: pycocotools is slow to load
+
+            classes = png_classes().names
+        net = release_net(path, state, preset_config("paper-swin-b"))
+        proposals = OpenVocabMaskFormer(net, text_features(bundle, classes)).eval()
+        load_release_proposals(proposals, state, path)
+    prompts_file = None if mask_prompts is None else save_prompts(mask_prompts, out / "prompts.pt", arch)
+    adapted = write_adapted(out, name, arch, save_clip(bundle, out / "clip.pt"), prompts_file)
+    if proposals is None:
+        return adapted, None
+    return adapted, save_model(proposals_out, proposals, meta={"classes": list(classes), "clip": str(out),
+                                                               "imported_from": str(path)})

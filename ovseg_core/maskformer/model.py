@@ -32,6 +32,7 @@ from transformers.models.maskformer.modeling_maskformer import (
 
 from ..atomic import write_torch
 from ..errors import DataError, MissingWeightsError
+from .detectron2_weights import original_swin_names
 
 # ImageNet statistics in 0..255, the normalisation of MaskFormer's (and its backbones') training.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -256,9 +257,10 @@ def build_model(net: ProposalNetConfig, text_features: Tensor, backbone_weights:
     return model
 
 
-# Backbone entries a classification checkpoint need not hold: the norm MaskFormer adds after each Swin
-# stage (new weights), and Swin's relative position indices (constants derived from the window size).
-_NOT_REQUIRED = ("hidden_states_norms.", "relative_position_index")
+# Backbone entries a checkpoint need not hold: the norm MaskFormer adds after each Swin stage (new weights
+# unless a detectron2 checkpoint brings them), Swin's relative position indices (constants of the window
+# size) and its final LayerNorm (no feature map MaskFormer uses comes out of it; detectron2's Swin has none).
+_NOT_REQUIRED = ("hidden_states_norms.", "relative_position_index", "model.layernorm.")
 _PREFIXES = ("model.", "swin.", "resnet.", "backbone.", "module.", "encoder.")
 
 
@@ -296,9 +298,10 @@ def _legacy_swin_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def load_backbone_weights(model: OpenVocabMaskFormer, path: str | Path) -> None:
     """Load a backbone state dict (e.g. an ImageNet classification checkpoint saved from transformers or
-    timm) into the proposal network's backbone. Key prefixes such as 'swin.' / 'model.' and both Swin
-    key layouts (the hub files' and transformers 5's) are matched automatically; every backbone weight
-    except MaskFormer's added per-stage norms must be present."""
+    timm) into the proposal network's backbone. Key prefixes such as 'swin.' / 'model.' / 'backbone.' and
+    the Swin key layouts (the hub files', transformers 5's, and Microsoft's original one, which detectron2's
+    Swin shares: `detectron2_weights`) are matched automatically. Every backbone weight except those in
+    `_NOT_REQUIRED` must be present; those are loaded too when the file has them."""
     path = Path(path)
     backbone = model.model.pixel_level_module.encoder
     if not path.is_file():
@@ -309,21 +312,23 @@ def load_backbone_weights(model: OpenVocabMaskFormer, path: str | Path) -> None:
     state = _read_state_dict(path)
     target = backbone.state_dict()
     candidates = []
-    for source in (state, _legacy_swin_names(state)):
-        for strip in ("", *_PREFIXES):
-            for add in ("", "model.", "_backbone."):
-                candidates.append({add + k[len(strip):]: v for k, v in source.items() if k.startswith(strip)})
+    for strip in ("", *_PREFIXES):
+        stripped = {k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}
+        candidates.append(original_swin_names(stripped))  # already the backbone's own names
+        for source in (stripped, _legacy_swin_names(stripped)):
+            candidates += [{add + k: v for k, v in source.items()} for add in ("", "model.", "_backbone.")]
     best = max(candidates, key=lambda c: len(c.keys() & target.keys()))
     required = [k for k in target if not any(p in k for p in _NOT_REQUIRED)]
     missing = [k for k in required if k not in best]
     if missing:
         raise DataError(path, f"{len(missing)} of {len(required)} backbone weights missing "
                               f"(e.g. {missing[:3]}); is this a {model.net.backbone} checkpoint?")
-    wrong = [f"{k}: {tuple(best[k].shape)} vs {tuple(target[k].shape)}" for k in required
+    present = [k for k in target if k in best]
+    wrong = [f"{k}: {tuple(best[k].shape)} vs {tuple(target[k].shape)}" for k in present
              if best[k].shape != target[k].shape]
     if wrong:
         raise DataError(path, f"backbone weight shapes differ from the {model.net.backbone} config: {wrong[:3]}")
-    backbone.load_state_dict({k: best[k] for k in required}, strict=False)
+    backbone.load_state_dict({k: best[k] for k in present}, strict=False)
 
 
 MODEL_FORMAT = "ovseg-proposal-net/1"
