@@ -1,7 +1,7 @@
 """Prefect/DVC environment for this project: state lives in the git-ignored `.ovseg/` directory.
 
 `PREFECT_API_URL` is set only when the project's local server (started by `python -m flows.server
-start`) is up; otherwise Prefect runs in its ephemeral mode.
+start`) is up; otherwise Prefect runs in its ephemeral mode (a temporary server per stage process).
 """
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def configure() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ovseg")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    # Ephemeral mode's first start in a fresh clone creates and migrates the SQLite database under .ovseg/prefect;
+    # on 2 busy cores that takes longer than Prefect's default 20 s, and the stage would fail before any work.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if "PREFECT_API_URL" not in os.environ:
         url = server_url()
         if url:

@@ -32,7 +32,7 @@ from ovseg_core.atomic import atomic_dir
 from ovseg_core.clip.models import load_clip
 from ovseg_core.compute import ComputeConfig, worker_placement
 from ovseg_core.datasets.prepared import PreparedDataset
-from ovseg_core.maskformer.model import load_model
+from ovseg_core.maskformer.model import load_model, read_meta
 from ovseg_core.mining import Miner, MiningConfig
 from ovseg_core.shards import INDEX_FILE, completed_units, finalize_dataset, shard_name, stats_name
 from stages.common import StageContext, file_digest, main, per_second, resumable_dir, write_metrics
@@ -133,7 +133,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                    code_version(), expected_units=num_units)
     finalize_s = time.perf_counter() - t0
     nouns = set(pc.unique(pq.read_table(out / INDEX_FILE, columns=["noun"]).column("noun")).to_pylist())
-    vocabulary = set(dataset.classes)
+    # the training vocabulary: the classes the proposal network learnt; for GT or file masks, the set's own classes
+    vocabulary = set(read_meta(paths["proposal_net"])["classes"] if cfg.masks == "proposals" else dataset.classes)
     summary["nouns_outside_training_vocabulary"] = len(nouns - vocabulary)
     summary["training_classes_mined"] = len(nouns & vocabulary)
     metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float))}

@@ -15,6 +15,7 @@ import webdataset as wds
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.datasets.registry import prepare_dataset
 from ovseg_core.errors import DataError
+from ovseg_core.maskformer.model import load_model
 from ovseg_core.shards import CARD_FILE, INDEX_FILE, SIZES_FILE
 from stages.common import StageContext, run_stage
 
@@ -63,7 +64,8 @@ def write_folder(images: list[tuple[Path, list[str]]], root: Path) -> Path:
     return root
 
 
-def mine(mine_params, dataset: Path, base: Path) -> tuple[dict, Path]:
+def mine(mine_params, dataset: Path, base: Path) -> tuple[dict, Path, list[str]]:
+    """Mine `dataset`; the stage's summary, its out, and the classes its proposal network was trained on."""
     params = mine_params(base, images_per_unit=10)
     params["mine"]["dataset"] = str(dataset)
     params["mine"]["variants"] = {VARIANT: {"masks": "proposals", "categories": "nouns"}}
@@ -72,11 +74,16 @@ def mine(mine_params, dataset: Path, base: Path) -> tuple[dict, Path]:
         summary = run_stage("mine", StageContext("mine", params, VARIANT))
     finally:
         torch.set_num_threads(threads)
-    return summary, base / "mined" / VARIANT
+    return summary, base / "mined" / VARIANT, load_model(params["mine"]["proposal_net"])[1]["classes"]
 
 
-def check_mined(summary: dict, out: Path, dataset: PreparedDataset) -> list[dict]:
+def check_mined(summary: dict, out: Path, dataset: PreparedDataset, trained_classes: list[str]) -> list[dict]:
     rows = pq.read_table(out / INDEX_FILE).to_pylist()
+    # a caption-only set has no classes of its own: the nouns are compared with what the proposal network learnt
+    nouns = {r["noun"] for r in rows}
+    assert dataset.classes == []
+    assert summary["training_classes_mined"] == len(nouns & set(trained_classes)) > 0
+    assert summary["nouns_outside_training_vocabulary"] == len(nouns - set(trained_classes))
     captions = dataset.captions()
     assert summary["pairs"] == len(rows) == sum(json.loads((out / SIZES_FILE).read_text()).values()) > 0
     assert summary["images"] == len({r["image_id"] for r in rows})
@@ -98,8 +105,8 @@ def test_img2dataset_shards_prepare_and_mine(tiny_world, mine_params, tmp_path):
     assert prepared.captions()["000010002"] == [images[SHARD_SIZE + 2][1][0]]
     assert prepared.load_image(0).shape == (64, 64, 3)  # stored in the prepared set: the shards are not needed
     shutil.rmtree(root)
-    summary, out = mine(mine_params, prepared.root, tmp_path)
-    check_mined(summary, out, prepared)
+    summary, out, trained = mine(mine_params, prepared.root, tmp_path)
+    check_mined(summary, out, prepared, trained)
 
 
 def test_caption_folder_prepares_and_mines(tiny_world, mine_params, tmp_path):
@@ -116,8 +123,8 @@ def test_caption_folder_prepares_and_mines(tiny_world, mine_params, tmp_path):
     prepared = PreparedDataset.load(tmp_path / "prepared" / "my-photos")
     assert len(prepared) == len(images) and [s["reason"] for s in prepared.skipped] == ["image without a caption"]
     assert prepared.captions()["holiday__photo_1"] == images[1][1]  # every line is a caption
-    summary, out = mine(mine_params, prepared.root, tmp_path)
-    check_mined(summary, out, prepared)
+    summary, out, trained = mine(mine_params, prepared.root, tmp_path)
+    check_mined(summary, out, prepared, trained)
 
 
 def test_captions_without_images_name_the_file(tiny_world, tmp_path):

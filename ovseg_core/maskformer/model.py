@@ -362,6 +362,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Op
     return model.to(device).eval(), payload["meta"]
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The `meta` of a model written by `save_model` (e.g. its training classes), without building the model:
+    the file is memory-mapped, so its weights are not read."""
+    try:
+        payload = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return dict(payload["meta"])
+    except (OSError, RuntimeError, KeyError, TypeError) as e:
+        raise DataError(Path(path), f"not a proposal network saved by save_model: {e}") from e
+
+
 def fingerprint(net: ProposalNetConfig, text_features: Tensor) -> str:
     """A short hash of an architecture and vocabulary (used to refuse resuming an unrelated run)."""
     h = hashlib.sha256(repr(sorted(asdict(net).items())).encode())
