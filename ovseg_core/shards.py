@@ -328,7 +328,9 @@ def open_clip_trainer_settings(shard_counts: list[int], workers: int = 2, batch:
 
 
 def _dataset_card(nouns: Counter[str], images: int, stats: list[dict[str, Any]],
-                  params: Mapping[str, Any], code_version: str, top_k: int) -> str:
+                  params: Mapping[str, Any], top_k: int) -> str:
+    # No commit id: the card is part of the DVC out, and an id would make every commit a new dataset and retrain
+    # everything downstream; the fingerprint under the parameters names what decides the pairs.
     pairs = sum(nouns.values())
     total_bytes = sum(s["bytes"] for s in stats)
     units = [s["unit"] for s in stats]
@@ -354,7 +356,6 @@ def _dataset_card(nouns: Counter[str], images: int, stats: list[dict[str, Any]],
         f"| nouns seen once | {sum(1 for c in nouns.values() if c == 1)} |",
         f"| shards | {len(stats)} |",
         f"| total bytes | {total_bytes} |",
-        f"| code version | `{code_version}` |",
         f"| format version | {FORMAT_VERSION} |",
         "",
         "## Parameters used",
@@ -411,8 +412,8 @@ def _dataset_card(nouns: Counter[str], images: int, stats: list[dict[str, Any]],
     return "\n".join(lines) + "\n"
 
 
-def finalize_dataset(out_dir: str | Path, params: Mapping[str, Any], code_version: str,
-                     expected_units: int | None = None, top_k: int = 50) -> dict[str, Any]:
+def finalize_dataset(out_dir: str | Path, params: Mapping[str, Any], expected_units: int | None = None,
+                     top_k: int = 50) -> dict[str, Any]:
     """Write sizes.json, index.parquet and README.md for the complete shards in `out_dir`.
 
     Every shard must be complete and match its checksum (DataError otherwise); with
@@ -453,7 +454,7 @@ def finalize_dataset(out_dir: str | Path, params: Mapping[str, Any], code_versio
                 images.update(r["image_id"] for r in rows)
         _check_unique_keys(tmp, out_dir)
     write_json(out_dir / SIZES_FILE, {s["shard"]: s["count"] for s in stats})
-    write_text(out_dir / CARD_FILE, _dataset_card(nouns, len(images), stats, params, code_version, top_k))
+    write_text(out_dir / CARD_FILE, _dataset_card(nouns, len(images), stats, params, top_k))
     return {
         "pairs": sum(nouns.values()),
         "shards": len(stats),

@@ -18,7 +18,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -36,14 +35,6 @@ from ovseg_core.maskformer.model import load_model, read_meta
 from ovseg_core.mining import Miner, MiningConfig
 from ovseg_core.shards import INDEX_FILE, completed_units, finalize_dataset, shard_name, stats_name
 from stages.common import StageContext, file_digest, main, per_second, resumable_dir, write_metrics
-
-
-def code_version() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 _building = threading.Lock()
@@ -130,7 +121,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             for name in (shard_name(unit), stats_name(unit)):
                 link_or_copy(work / name, tmp / name)
         summary = finalize_dataset(tmp, {"variant": variant, **settings, "fingerprint": fp},
-                                   code_version(), expected_units=num_units)
+                                   expected_units=num_units)
     finalize_s = time.perf_counter() - t0
     nouns = set(pc.unique(pq.read_table(out / INDEX_FILE, columns=["noun"]).column("noun")).to_pylist())
     # the training vocabulary: the classes the proposal network learnt; for GT or file masks, the set's own classes

@@ -75,7 +75,7 @@ def mine(models: Models, tiny_world, out: Path, variant: str, image_format: str 
         "nouns": noun_settings(tiny_world)})
     miner = Miner(cfg, models.dataset, models.clip, models.net if cfg.masks == "proposals" else None)
     miner.mine_unit(0, out)
-    finalize_dataset(out, {"variant": variant}, "test", expected_units=1)
+    finalize_dataset(out, {"variant": variant}, expected_units=1)
     return PairDataset(out)
 
 

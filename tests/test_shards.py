@@ -75,7 +75,7 @@ def test_keys_are_deterministic_and_dot_free():
 
 def test_round_trip_index_and_shards_agree(tmp_path, units):
     write_units(tmp_path, units, image_format="png")
-    summary = finalize_dataset(tmp_path, PARAMS, "test-version", expected_units=3)
+    summary = finalize_dataset(tmp_path, PARAMS, expected_units=3)
     all_pairs = {p.key: p for ps in units.values() for p in ps}
     assert summary["pairs"] == len(all_pairs) == 16 and summary["shards"] == 3
 
@@ -107,7 +107,7 @@ def test_open_clip_trainers_own_loader_reads_the_shards(tmp_path, units):
     import ovseg_core.clip.models  # noqa: F401  (registers the tiny architecture with open_clip)
 
     write_units(tmp_path, units)  # default: jpg crops
-    finalize_dataset(tmp_path, PARAMS, "test-version")
+    finalize_dataset(tmp_path, PARAMS)
     args = argparse.Namespace(train_data=str(tmp_path / "pairs-{000000..000002}.tar"), train_num_samples=None,
                               dataset_resampled=False, train_data_upsampling_factors=None, seed=0, batch_size=4,
                               workers=1, world_size=1)
@@ -130,8 +130,8 @@ def test_shard_bytes_are_reproducible(tmp_path, units):
         a, b = tmp_path / "a" / shard_name(unit), tmp_path / "b" / shard_name(unit)
         assert sha256(a) == sha256(b)
         assert json.loads((tmp_path / "a" / stats_name(unit)).read_text())["sha256"] == sha256(a)
-    finalize_dataset(tmp_path / "a", PARAMS, "v")
-    finalize_dataset(tmp_path / "b", PARAMS, "v")
+    finalize_dataset(tmp_path / "a", PARAMS)
+    finalize_dataset(tmp_path / "b", PARAMS)
     for name in ("sizes.json", "index.parquet", "README.md"):
         assert sha256(tmp_path / "a" / name) == sha256(tmp_path / "b" / name)
 
@@ -171,37 +171,37 @@ def test_killed_process_leaves_only_resumable_debris(tmp_path, units):
     (tmp_path / shard_name(2)).write_bytes(bytes(damaged))
 
     with pytest.raises(DataError, match="unfinished temporary file"):
-        finalize_dataset(tmp_path, PARAMS, "v")
+        finalize_dataset(tmp_path, PARAMS)
     assert completed_units(tmp_path) == []
     assert list(tmp_path.iterdir()) == []  # debris removed, so a resumed run rewrites units 0-2
 
     write_units(tmp_path, units)
     assert completed_units(tmp_path) == [0, 1, 2]
-    assert finalize_dataset(tmp_path, PARAMS, "v", expected_units=3)["pairs"] == 16
+    assert finalize_dataset(tmp_path, PARAMS, expected_units=3)["pairs"] == 16
 
 
 def test_finalize_refuses_a_pair_key_in_two_shards(tmp_path, units):
     write_units(tmp_path, {0: units[0], 1: units[0][:1]})  # shard 1 repeats shard 0's first pair
     with pytest.raises(DataError, match=f"pair key {units[0][0].key} also in {shard_name(0)}") as error:
-        finalize_dataset(tmp_path, PARAMS, "v")
+        finalize_dataset(tmp_path, PARAMS)
     assert error.value.path == tmp_path / shard_name(1)
     assert not (tmp_path / "index.parquet").exists()
 
 
 def test_finalize_refuses_incomplete_datasets(tmp_path, units):
     with pytest.raises(DataError, match="no complete shards"):
-        finalize_dataset(tmp_path, PARAMS, "v")
+        finalize_dataset(tmp_path, PARAMS)
     write_units(tmp_path, {0: units[0], 2: units[2]})
     with pytest.raises(DataError, match="1 of 3 units"):
-        finalize_dataset(tmp_path, PARAMS, "v", expected_units=3)
+        finalize_dataset(tmp_path, PARAMS, expected_units=3)
     (tmp_path / stats_name(2)).unlink()
     with pytest.raises(DataError, match="no stats file"):
-        finalize_dataset(tmp_path, PARAMS, "v")
+        finalize_dataset(tmp_path, PARAMS)
 
 
 def test_pair_dataset_random_access_equals_stream(tmp_path, units):
     write_units(tmp_path, units)
-    finalize_dataset(tmp_path, PARAMS, "v")
+    finalize_dataset(tmp_path, PARAMS)
     dataset = PairDataset(tmp_path)
     stream = list(wds.WebDataset(str(tmp_path / "pairs-{000000..000002}.tar"), shardshuffle=False))
     assert len(dataset) == len(stream) == 16
@@ -224,13 +224,13 @@ def test_pair_dataset_needs_an_index(tmp_path):
 
 def test_dataset_card_lists_counts_nouns_and_checksums(tmp_path, units):
     write_units(tmp_path, units)
-    finalize_dataset(tmp_path, PARAMS, "git:abc123", top_k=3)
+    finalize_dataset(tmp_path, PARAMS, top_k=3)
     card = (tmp_path / "README.md").read_text()
     all_pairs = [p for ps in units.values() for p in ps]
     assert "| pairs | 16 |" in card
     assert f"| unique nouns | {len({p.noun for p in all_pairs})} |" in card
     assert "| images | 9 |" in card
-    assert "git:abc123" in card and "proposals_per_image: 100" in card
+    assert "proposals_per_image: 100" in card
     counts = {n: sum(p.noun == n for p in all_pairs) for n in NOUNS}
     top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
     assert f"| 1 | {top[0]} | {top[1]} |" in card
@@ -270,7 +270,7 @@ def test_the_cards_open_clip_command_trains_as_printed(tmp_path, units):
     from ovseg_core.clip.models import load_clip, save_clip
 
     write_units(tmp_path, units)
-    finalize_dataset(tmp_path, PARAMS, "git:abc123")
+    finalize_dataset(tmp_path, PARAMS)
     torch.manual_seed(0)
     save_clip(load_clip("ovseg-tiny-vit"), tmp_path / "clip.pt")
     assert ovseg(["export", str(tmp_path / "clip.pt"), "--out", str(tmp_path / "clip-export")]) == 0
