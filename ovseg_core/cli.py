@@ -238,9 +238,8 @@ def add_import_ovseg(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "import-ovseg", run_import_ovseg,
         help="the adapted CLIP (and proposal network) of an OVSeg release (e.g. ovseg_swinbase_vitL14_ft_mpt.pth)",
         description="Write the CLIP and mask prompts of one of OVSeg's released checkpoints as an adapted-CLIP "
-                    "directory and, with --proposals-out, the Swin-B release's proposal network as a proposal "
-                    "network file (see ovseg_core/clip/ovseg_release.py; the ResNet-101c release's proposal "
-                    "network is not mapped).",
+                    "directory and, with --proposals-out, its proposal network (Swin-B or ResNet-101c) as a "
+                    "proposal network file (see ovseg_core/clip/ovseg_release.py).",
         epilog="exit status: 0 written; 1 the checkpoint could not be read, lacks OVSeg's CLIP keys or (with "
                "--proposals-out) holds a proposal network that does not map; nothing is written then.")
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")

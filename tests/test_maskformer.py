@@ -223,3 +223,26 @@ def test_save_and_load_model_round_trip(tmp_path):
     assert torch.equal(a.masks_queries_logits, b.masks_queries_logits)
     with pytest.raises(MissingWeightsError):
         load_model(tmp_path / "none.pt")
+
+
+def test_paper_r101c_deeplab_preset_is_detectron2s_deeplab_resnet_101():
+    # The backbone of MaskFormer's and ov-seg's R101c (detectron2's DeepLab ResNet: STEM_OUT_CHANNELS 128,
+    # STRIDE_IN_1X1 False, RES5_MULTI_GRID [1, 2, 4], FrozenBN), which ov-seg's R101c release's weights fit.
+    torch.manual_seed(0)
+    model = build_model(preset_config("paper-r101c-deeplab"), class_text(171, 512))
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 60) < 3  # MaskFormer paper: R101c 60M
+    resnet = model.model.pixel_level_module.encoder._backbone
+    assert [tuple(resnet.conv1[i].weight.shape) for i in (0, 3, 6)] == [(64, 3, 3, 3), (64, 64, 3, 3), (128, 64, 3, 3)]
+    assert [len(getattr(resnet, f"layer{i}")) for i in (1, 2, 3, 4)] == [3, 4, 23, 3]
+    for layer in (resnet.layer2, resnet.layer3, resnet.layer4):  # the stride on the 3x3 conv
+        assert layer[0].conv1.stride == (1, 1) and layer[0].conv2.stride == (2, 2)
+    assert [(b.conv2.dilation, b.conv2.padding) for b in resnet.layer4] == [((1, 1),) * 2, ((2, 2),) * 2, ((4, 4),) * 2]
+    assert all(b.conv2.dilation == (1, 1) for layer in (resnet.layer1, resnet.layer2, resnet.layer3) for b in layer)
+    state = model.model.pixel_level_module.encoder.state_dict()
+    assert not any(k.endswith("num_batches_tracked") for k in state) and "_backbone.bn1.running_var" in state
+    with torch.no_grad():
+        features = model.model.pixel_level_module.encoder(torch.zeros(1, 3, 64, 96)).feature_maps
+    assert [tuple(f.shape[1:]) for f in features] == [(256, 16, 24), (512, 8, 12), (1024, 4, 6), (2048, 2, 3)]
+    assert model.net.size_divisibility == 32
+    # The timm R101c preset is unchanged: deep stem 32/32/64, no dilation.
+    assert preset_config("paper-r101c").backbone == "timm:resnet101c"

@@ -1,6 +1,6 @@
 """OVSeg's released checkpoints (`ovseg_swinbase_vitL14_ft_mpt.pth`, `ovseg_R101c_vitB16_ft_mpt.pth`): their
 adapted CLIP as one of the project's adapted-CLIP directories (`ovseg_core.clip.adapted`) and, on request, the
-Swin-B release's proposal network as a project proposal-network file (`maskformer.model.save_model`).
+release's proposal network as a project proposal-network file (`maskformer.model.save_model`).
 
 A released file is a detectron2 checkpoint, `{"model": state dict, ...}`. ov-seg's `OVSeg` model keeps its
 `MaskFormerClipAdapter` as `clip_adapter`, whose `clip_model` is OpenAI's CLIP (ov-seg's copy of the `clip`
@@ -9,11 +9,12 @@ package) with the mask prompts as `visual.mask_embedding` [depth, grid², width]
 layout is open_clip's CLIP layout (`export.openai_state_dict`), so the CLIP loads strictly into open_clip's
 QuickGELU architecture.
 
-The proposal network (`backbone.*`: detectron2's Swin; `sem_seg_head.*`: MaskFormer's pixel decoder and ov-seg's
-transformer predictor; `clip_adapter.non_object_embedding`: the void class) maps onto the project's
-transformers MaskFormer by `maskformer.detectron2_weights`, sized from the tensors (the `paper-swin-b` preset
-for the real release). Its vocabulary's text features come from the release's own CLIP, as in ov-seg's
-inference. The ResNet-101c release's proposal network is not mapped (a DataError says why).
+The proposal network (`backbone.*`: detectron2's Swin, or in the ResNet-101c release detectron2's DeepLab
+ResNet-101; `sem_seg_head.*`: MaskFormer's pixel decoder and ov-seg's transformer predictor;
+`clip_adapter.non_object_embedding`: the void class) maps onto the project's transformers MaskFormer by
+`maskformer.detectron2_weights`, sized from the tensors (the `paper-swin-b` / `paper-r101c-deeplab` preset for
+the real releases). Its vocabulary's text features come from the release's own CLIP, as in ov-seg's
+inference. A proposal network of another layout is a DataError saying what does not map.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import open_clip
 import torch
 
 from ..errors import DataError
-from ..maskformer.detectron2_weights import has_proposal_network, load_release_proposals, release_net
+from ..maskformer.detectron2_weights import has_proposal_network, load_release_proposals, release_net, release_preset
 from ..maskformer.model import OpenVocabMaskFormer, preset_config, save_model
 from .adapted import write_adapted
 from .models import load_clip, save_clip
@@ -97,7 +98,7 @@ def import_release(path: str | Path, out: str | Path, name: str = "ovseg", propo
             from ..datasets.coco_stuff import png_classes  # imported here: pycocotools is slow to load
 
             classes = png_classes().names
-        net = release_net(path, state, preset_config("paper-swin-b"))
+        net = release_net(path, state, preset_config(release_preset(state)))
         proposals = OpenVocabMaskFormer(net, text_features(bundle, classes)).eval()
         load_release_proposals(proposals, state, path)
     prompts_file = None if mask_prompts is None else save_prompts(mask_prompts, out / "prompts.pt", arch)

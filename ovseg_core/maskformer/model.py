@@ -8,8 +8,11 @@ buffer); the void ("no object") embedding is learnt. Column K (the last) is void
 loss expects (`MaskFormerLoss` uses num_labels + 1 classes, void last, weighted by `eos_coef`).
 
 Presets (`preset_config`): `tiny` (the embedded world: 64 px, a small random-init Swin, trains on CPU
-in minutes), `paper-swin-b` (Swin-B, 100 queries, crop 640) and `paper-r101c` (ResNet-101c through
-timm with frozen BatchNorm as in detectron2, crop 512). Backbone weights come from a local file.
+in minutes), `paper-swin-b` (Swin-B, 100 queries, crop 640), `paper-r101c` (timm's ResNet-101c — deep stem
+32/32/64 — with frozen BatchNorm as in detectron2, crop 512) and `paper-r101c-deeplab` (the R101c of MaskFormer
+and ov-seg: detectron2's DeepLab ResNet-101, deep stem 64/64/128 and multi-grid res5, as timm's `resnet101s`
+with res5's dilations set after construction; the backbone that ov-seg's R101c release's weights fit,
+`detectron2_weights`). Backbone weights come from a local file.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from transformers.models.maskformer.modeling_maskformer import (
 
 from ..atomic import write_torch
 from ..errors import DataError, MissingWeightsError
-from .detectron2_weights import original_swin_names
+from .detectron2_weights import deeplab_resnet_names, original_swin_names
 
 # ImageNet statistics in 0..255, the normalisation of MaskFormer's (and its backbones') training.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -43,7 +46,9 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 class ProposalNetConfig:
     """Architecture of the proposal network (JSON-able; stored with every saved model)."""
 
-    backbone: str  # "swin" (transformers' MaskFormer Swin) or "timm:<name>" (e.g. timm:resnet101c)
+    # "swin" (transformers' MaskFormer Swin), "timm:<name>" (e.g. timm:resnet101c) or "deeplab:<name>" (a timm
+    # deep-stem ResNet, e.g. resnet101s, as detectron2's DeepLab ResNet: res5 dilated by RES5_MULTI_GRID)
+    backbone: str
     crop_size: int  # training crop and default test-time short side
     # Swin backbone
     patch_size: int = 4
@@ -93,7 +98,12 @@ PRESETS: dict[str, ProposalNetConfig] = {
     ),
     "paper-swin-b": ProposalNetConfig(backbone="swin", crop_size=640),
     "paper-r101c": ProposalNetConfig(backbone="timm:resnet101c", crop_size=512),
+    "paper-r101c-deeplab": ProposalNetConfig(backbone="deeplab:resnet101s", crop_size=512),
 }
+
+# detectron2's DeepLab ResNet as MaskFormer's and ov-seg's R101c configs build it (MODEL.RESNETS.RES5_MULTI_GRID
+# [1, 2, 4], RES5_DILATION 1): res5 keeps its stride 2 and its blocks' 3x3 convs are dilated by 1, 2, 4.
+RES5_MULTI_GRID = (1, 2, 4)
 
 
 def preset_config(name: str, **overrides: Any) -> ProposalNetConfig:
@@ -111,11 +121,14 @@ def maskformer_config(net: ProposalNetConfig, num_labels: int) -> MaskFormerConf
             num_heads=list(net.num_heads), window_size=net.window_size, drop_path_rate=net.drop_path_rate,
             out_features=["stage1", "stage2", "stage3", "stage4"],
         )
-    elif net.backbone.startswith("timm:"):
-        # detectron2 trains ImageNet-initialised ResNets with frozen BatchNorm; timm provides the R101c stem.
-        backbone = TimmBackboneConfig(backbone=net.backbone[5:], out_indices=[1, 2, 3, 4], freeze_batch_norm_2d=True)
+    elif net.backbone.startswith(("timm:", "deeplab:")):
+        # detectron2 trains ImageNet-initialised ResNets with frozen BatchNorm; timm provides the deep stems
+        # (deeplab: also the multi-grid res5, set by OpenVocabMaskFormer once built).
+        backbone = TimmBackboneConfig(backbone=net.backbone.split(":", 1)[1], out_indices=[1, 2, 3, 4],
+                                      freeze_batch_norm_2d=True)
     else:
-        raise ValueError(f"unknown backbone {net.backbone!r} (use 'swin' or 'timm:<model name>')")
+        raise ValueError(f"unknown backbone {net.backbone!r} (use 'swin', 'timm:<model name>' or "
+                         f"'deeplab:<timm ResNet name>')")
     decoder = MaskFormerDetrConfig(
         num_queries=net.num_queries, d_model=net.hidden_dim, decoder_layers=net.decoder_layers,
         decoder_ffn_dim=net.decoder_ffn_dim, decoder_attention_heads=net.decoder_heads, encoder_layers=0,
@@ -127,6 +140,20 @@ def maskformer_config(net: ProposalNetConfig, num_labels: int) -> MaskFormerConf
         no_object_weight=net.no_object_weight, mask_weight=net.mask_weight, dice_weight=net.dice_weight,
         cross_entropy_weight=net.cross_entropy_weight,
     )
+
+
+def set_multi_grid(resnet: nn.Module, multi_grid: tuple[int, ...] = RES5_MULTI_GRID) -> None:
+    """Dilate the 3x3 convs of a built timm ResNet's res5 (`layer4`) blocks by `multi_grid`, detectron2's
+    DeepLab res5. Set on the built modules because timm cannot express it: its `output_stride` dilates whole
+    stages and drops their stride, while detectron2 keeps res5's stride 2 (on the first block's 3x3 conv, as
+    timm has it: ov-seg's STRIDE_IN_1X1 is False) and dilates block by block. Padding = dilation keeps the
+    sizes; no weight changes."""
+    blocks = list(resnet.layer4)
+    if len(blocks) != len(multi_grid):
+        raise ValueError(f"res5 has {len(blocks)} blocks, the multi-grid {multi_grid} {len(multi_grid)}")
+    for block, dilation in zip(blocks, multi_grid):
+        block.conv2.dilation = block.conv2.padding = (dilation, dilation)
+        block.dilation = dilation
 
 
 class CosineClassHead(nn.Module):
@@ -169,6 +196,8 @@ class OpenVocabMaskFormer(MaskFormerForInstanceSegmentation):
                                                text_features, net.logit_scale)
         self._init_weights(self.class_predictor.projection)  # the library's init for its MLP heads (xavier)
         self._init_decoder_like_detr()
+        if net.backbone.startswith("deeplab:"):
+            set_multi_grid(self.model.pixel_level_module.encoder._backbone)
         swin = getattr(self.model.pixel_level_module.encoder, "model", None)
         if swin is not None and hasattr(swin, "layernorm"):
             # Swin's final LayerNorm feeds no feature map MaskFormer uses; frozen so that every trainable
@@ -300,7 +329,8 @@ def load_backbone_weights(model: OpenVocabMaskFormer, path: str | Path) -> None:
     """Load a backbone state dict (e.g. an ImageNet classification checkpoint saved from transformers or
     timm) into the proposal network's backbone. Key prefixes such as 'swin.' / 'model.' / 'backbone.' and
     the Swin key layouts (the hub files', transformers 5's, and Microsoft's original one, which detectron2's
-    Swin shares: `detectron2_weights`) are matched automatically. Every backbone weight except those in
+    Swin shares: `detectron2_weights`) and detectron2's ResNet layout (`stem.*`, `res2..5.*`, for `deeplab:`
+    backbones) are matched automatically. Every backbone weight except those in
     `_NOT_REQUIRED` must be present; those are loaded too when the file has them."""
     path = Path(path)
     backbone = model.model.pixel_level_module.encoder
@@ -315,6 +345,7 @@ def load_backbone_weights(model: OpenVocabMaskFormer, path: str | Path) -> None:
     for strip in ("", *_PREFIXES):
         stripped = {k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}
         candidates.append(original_swin_names(stripped))  # already the backbone's own names
+        candidates.append(deeplab_resnet_names(stripped))
         for source in (stripped, _legacy_swin_names(stripped)):
             candidates += [{add + k: v for k, v in source.items()} for add in ("", "model.", "_backbone.")]
     best = max(candidates, key=lambda c: len(c.keys() & target.keys()))
@@ -381,5 +412,5 @@ def fingerprint(net: ProposalNetConfig, text_features: Tensor) -> str:
 
 __all__ = [
     "CosineClassHead", "OpenVocabMaskFormer", "ProposalNetConfig", "PRESETS", "build_model", "fingerprint",
-    "load_backbone_weights", "load_model", "maskformer_config", "preset_config", "save_model",
+    "load_backbone_weights", "load_model", "maskformer_config", "preset_config", "save_model", "set_multi_grid",
 ]
