@@ -36,6 +36,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from ovseg_core.atomic import atomic_file
+
 SEEDS_DIR = Path("reports/seeds")
 METRICS = ("mIoU", "seen_mIoU", "unseen_mIoU", "hIoU")
 BRANCHES = ("ensemble", "clip", "maskformer")
@@ -249,12 +251,11 @@ def tracked_files(exclude: Path) -> dict[Path, bytes]:
 
 
 def restore(kept: dict[Path, bytes]) -> None:
-    """Write back each kept file whose bytes changed (to a temporary name, then renamed)."""
+    """Write back each kept file whose bytes changed (atomically)."""
     for path, data in kept.items():
         if not path.is_file() or path.read_bytes() != data:
-            tmp = path.with_name(path.name + ".seedtmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            with atomic_file(path) as tmp:
+                tmp.write_bytes(data)
 
 
 def machine() -> str:

@@ -98,4 +98,4 @@ def test_the_workspace_is_put_back_after_the_experiments_except_the_collected_se
     for name in ("params.yaml", "metrics/evaluate/original.json", "reports/report.md"):
         assert Path(name).read_text() == files[name], name
     assert Path("reports/seeds/runs.json").read_text() == '{"wall_s": {"2": 1000}}\n'
-    assert not list(tmp_path.rglob("*.seedtmp"))
+    assert not list(tmp_path.rglob(".*.tmp"))  # no temporary left beside a restored file
