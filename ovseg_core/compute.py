@@ -14,8 +14,8 @@ it to on the machine it runs on:
 - processes: DDP ranks per node for the training stages (`ovseg_core.distributed.launch`), worker
   processes for the units of mining, evaluation and the sweep; on CUDA each process takes one GPU;
 - loader_workers: DataLoader processes decoding and preparing batches beside each compute process;
-- threads: torch CPU threads per process (None: the cores shared out among the processes and the
-  units each runs at once).
+- threads: torch CPU threads per process (None: the CPUs this process may use, shared out among the
+  processes and the units each runs at once).
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ class ComputeConfig:
         """torch threads for each of `concurrent` units running at once in each of the node's processes."""
         if self.threads is not None:
             return self.threads
-        return max(1, (os.cpu_count() or 1) // (self.processes * max(1, concurrent)))
+        return max(1, usable_cpus() // (self.processes * max(1, concurrent)))
 
     def placement(self, device: torch.device | str | None = None) -> "Placement":
         """Resolve device and precision in this process (`device` pins a resolved device, e.g. a DDP rank's)."""
@@ -115,6 +115,17 @@ class ComputeConfig:
 
         resolved = torch.device(device) if device is not None else resolve_device(self.device)
         return Placement(resolved, resolve_precision(self.precision, resolved))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a batch scheduler's CPU binding, a
+    container's cpuset), not the machine's count: a job given 8 CPUs of a 128-core node must not start 128
+    threads per process (oversubscribed threads spin-wait for each other: ~1.8x slower on this 2-core machine
+    with two 2-thread processes against two 1-thread ones)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this platform (macOS)
+        return os.cpu_count() or 1
 
 
 def resolve_device(name: str) -> torch.device:

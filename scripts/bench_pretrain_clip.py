@@ -15,7 +15,7 @@ plus the stage's own probe (`segment_probe` on a prepared eval set, all classes)
 eval-box, eval-masked. Each row splits accuracy into seen and unseen classes (the world's default
 unseen list). Wall time counts training only, not the probes.
 
-    python scripts/bench_pretrain_clip.py --web data/prepared/world-web --eval data/prepared/world-eval \
+    python scripts/bench_pretrain_clip.py --web data/prepared/world-web --eval data/prepared/eval/world-eval \
         --steps 600 --batch 128 --lr 2e-3 --warmup 50 --eval-at 150,300,600 --out bench.json
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ unseen — read back the label PNGs the CLI wrote, and scores them against the g
 per-image figure from each `<stem>.json` (segmentation only, model loading excluded; the first image
 also pays for encoding the vocabulary's text features, which are cached after).
 
-    python scripts/bench_segment.py --models models --eval data/prepared/world-eval --n 50
+    python scripts/bench_segment.py --models models --eval data/prepared/eval/world-eval --n 50
 
 `cli_miou` is what an end-to-end test calls to hold the CLI to an accuracy floor.
 """
@@ -85,7 +85,7 @@ def cli_miou(models_dir: str | Path, prepared_eval_dir: str | Path, n_images: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=Path("models"), help="a run's models/ directory")
-    parser.add_argument("--eval", type=Path, default=Path("data/prepared/world-eval"), help="prepared evaluation set")
+    parser.add_argument("--eval", type=Path, default=Path("data/prepared/eval/world-eval"), help="prepared evaluation set")
     parser.add_argument("--n", type=int, default=50, help="number of images (the first N)")
     parser.add_argument("--clip-variant", default="ft-mpt")
     parser.add_argument("--lam", type=float)

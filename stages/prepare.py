@@ -5,6 +5,10 @@ seen vocabulary that flags each evaluation set's classes as seen or unseen, by c
 COCO-Stuff-171's classes against each benchmark's). Each prepared set's `seen.csv` records that split: for
 every class the training class it matched and the rule that matched it. Sets under `captioned:` are
 caption-only image sets to mine (your own images: readers `caption-folder`, `webdataset-captions`).
+
+Evaluation sets are written apart, to `<out>/eval/<name>`: the stages that evaluate depend on that folder
+alone, not on the training set's label maps (DVC hashes every file of a dep on each `dvc repro`, even one
+that has nothing to do: at paper size COCO-Stuff's 118K label maps once per evaluation stage).
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from typing import Any
 from ovseg_core.datasets.prepared import SEEN_FILE, PreparedDataset
 from ovseg_core.datasets.registry import prepare_dataset
 from stages.common import StageContext, main
+
+EVAL_DIR = "eval"  # <prepare.out>/eval/<name>: the evaluation sets
 
 
 def _prepare(entry: dict[str, Any], name: str, out: Path, vocabulary: list[str] | None) -> PreparedDataset:
@@ -34,7 +40,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if p.get("web"):
         rows.append(_prepare(p["web"], p["web"]["name"], out, None))
     rows += [_prepare(entry, name, out, None) for name, entry in (p.get("captioned") or {}).items()]
-    evals = [_prepare(entry, name, out, train.classes) for name, entry in (p.get("eval") or {}).items()]
+    evals = [_prepare(entry, name, out / EVAL_DIR, train.classes) for name, entry in (p.get("eval") or {}).items()]
     rows += evals
     table = [{"dataset": d.name, "images": len(d), "classes": d.num_classes, "seen": sum(d.seen),
               "unseen": d.num_classes - sum(d.seen), "skipped": len(d.skipped)} for d in rows]

@@ -24,6 +24,7 @@ from ovseg_core.datasets.registry import DATASETS
 from ovseg_core.errors import MissingWeightsError
 from ovseg_core.nouns import NounConfig, NounExtractor
 from stages.common import PARAMS_FILE, load_params
+from stages.prepare import EVAL_DIR
 
 
 def produced_by_pipeline(path: str, params: dict[str, Any]) -> bool:
@@ -51,9 +52,27 @@ def check_compute(params: dict[str, Any]) -> list[str]:
     return problems
 
 
+def check_tracked_roots(params: dict[str, Any]) -> list[str]:
+    """Sets a stage reads lie inside the folder dvc.yaml declares as its dep, so that DVC reruns it when they
+    change: held-out sets in `<prepare.out>/eval`, evaluation sets in `evaluate.common.prepared`."""
+    problems = []
+    eval_root = Path((params.get("prepare") or {}).get("out", "data/prepared")) / EVAL_DIR
+    for path in (params.get("train_maskformer") or {}).get("heldout") or []:
+        if not Path(path).is_relative_to(eval_root):
+            problems.append(f"train_maskformer.heldout: {path} is not inside {eval_root}, the folder of evaluation "
+                            "sets that dvc.yaml declares as the stage's dep (prepare writes them there)")
+    common = (params.get("evaluate") or {}).get("common") or {}
+    for name, entry in (common.get("datasets") or {}).items():
+        root = (entry or {}).get("root")
+        if root and common.get("prepared") and not Path(root).is_relative_to(Path(common["prepared"])):
+            problems.append(f"evaluate.common.datasets.{name}.root: {root} is not inside evaluate.common.prepared "
+                            f"({common['prepared']}), the folder dvc.yaml declares as the evaluate stages' dep")
+    return problems
+
+
 def check(params: dict[str, Any]) -> list[str]:
     """Every problem found (empty when the run can start)."""
-    problems: list[str] = check_compute(params)
+    problems: list[str] = check_compute(params) + check_tracked_roots(params)
     prepare = params.get("prepare", {})
     entries = [("prepare.train", prepare.get("train"))]
     if prepare.get("web"):

@@ -41,6 +41,23 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"  # first start migrates a new database
 os.environ["DVC_NO_ANALYTICS"] = "1"
 
+
+def _bind_xdist_worker_to_its_cpus() -> None:
+    """Give each pytest-xdist worker its own share of the CPUs (worker i of n: every n-th CPU from i). Stages size
+    their torch threads from the CPUs they may use (`compute.usable_cpus`), and so do the processes a test starts
+    (they inherit the binding): two workers that each ran two-thread torch on 2 cores would spin-wait for each
+    other, ~1.8x slower than two one-thread workers."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker is None or count < 2 or len(cpus) < count:
+        return
+    share = cpus[int(worker.removeprefix("gw")) % count::count]
+    os.sched_setaffinity(0, share)
+    torch.set_num_threads(len(share))  # torch sized its pool when it loaded, before the binding
+
+
+_bind_xdist_worker_to_its_cpus()
+
 ROOT = Path(__file__).resolve().parents[1]  # the repository (stages resolve relative paths from here)
 NLTK_DATA = ROOT / ".ovseg" / "nltk_data"  # WordNet for noun lemmas (scripts/install_nltk_data.sh)
 TINY_CLIP_ARCH = "ovseg-tiny-vit"

@@ -16,6 +16,7 @@ from PIL import Image
 from ovseg_core.datasets.prepared import PreparedDataset, PreparedWriter
 from ovseg_core.errors import DataError, MissingWeightsError
 from ovseg_core.maskformer import CosineClassHead, build_model, load_model, preset_config, save_model
+from ovseg_core.maskformer.model import MODEL_FORMAT, read_meta
 from ovseg_core.maskformer.augment import AugmentConfig, augment
 from ovseg_core.maskformer.data import SemanticDataset
 from ovseg_core.maskformer.targets import semantic_targets
@@ -221,8 +222,17 @@ def test_save_and_load_model_round_trip(tmp_path):
         a, b = model(x), loaded(x)
     assert torch.equal(a.class_queries_logits, b.class_queries_logits)
     assert torch.equal(a.masks_queries_logits, b.masks_queries_logits)
-    with pytest.raises(MissingWeightsError):
-        load_model(tmp_path / "none.pt")
+    assert read_meta(tmp_path / "mf.pt") == meta
+    for missing in (load_model, read_meta):
+        with pytest.raises(MissingWeightsError, match="none.pt"):
+            missing(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"format": "something else", "meta": {}}, tmp_path / "other.pt")
+    torch.save({"format": MODEL_FORMAT}, tmp_path / "no-meta.pt")
+    for name, reader in (("junk.pt", load_model), ("junk.pt", read_meta), ("other.pt", load_model),
+                         ("other.pt", read_meta), ("no-meta.pt", read_meta), ("no-meta.pt", load_model)):
+        with pytest.raises(DataError, match=f"{name}.*not a proposal network"):
+            reader(tmp_path / name)
 
 
 def test_paper_r101c_deeplab_preset_is_detectron2s_deeplab_resnet_101():

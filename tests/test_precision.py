@@ -3,12 +3,14 @@ tested here. Trainings in bf16 follow the fp32 losses; weights stay fp32, so an 
 is kept. (Evaluation in bf16 against fp32 with trained models: tests/test_trained_run.py.)"""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from ovseg_core.clip.models import load_clip
 from ovseg_core.clip.train import train_clip
-from ovseg_core.compute import ComputeConfig, Placement, native_bf16
+from ovseg_core.compute import ComputeConfig, Placement, native_bf16, usable_cpus
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.maskformer import build_model, preset_config
 from ovseg_core.maskformer.data import SemanticDataset
@@ -31,6 +33,18 @@ def test_auto_precision_is_bf16_where_native_and_can_be_set():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with Placement(CPU, "fp32").autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_cpu_threads_share_out_the_cpus_this_process_may_use():
+    """Not the machine's CPU count: a process bound to some CPUs (taskset, a batch job) starts as many threads."""
+    mask = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(mask)})
+        assert usable_cpus() == 1 and ComputeConfig().cpu_threads() == 1
+    finally:
+        os.sched_setaffinity(0, mask)
+    assert usable_cpus() == len(mask) and ComputeConfig().cpu_threads() == len(mask)
+    assert ComputeConfig().cpu_threads(concurrent=len(mask)) == 1 and ComputeConfig(threads=3).cpu_threads() == 3
 
 
 @pytest.mark.parametrize("mode", ["ft", "mpt", "pretrain"])

@@ -49,7 +49,7 @@ def constant_answer_miou(dataset: PreparedDataset, count: int) -> float:
 
 
 def test_cli_segments_held_out_images_with_their_class_names_above_the_floor(trained_run, tmp_path):
-    prepared = trained_run / "data" / "prepared" / "world-eval"
+    prepared = trained_run / "data" / "prepared" / "eval" / "world-eval"
     dataset = PreparedDataset.load(prepared)
     assert not all(dataset.seen), "the vocabulary must include classes the proposal network never saw"
     result = cli_miou(trained_run / "models", prepared, EVAL_IMAGES, clip_variant="original")
@@ -65,7 +65,7 @@ def test_cli_segments_held_out_images_with_their_class_names_above_the_floor(tra
 def test_cli_writes_overlay_and_label_map_for_an_unseen_vocabulary(trained_run, tmp_path):
     from ovseg_core.cli import main, output_paths
 
-    dataset = PreparedDataset.load(trained_run / "data" / "prepared" / "world-eval")
+    dataset = PreparedDataset.load(trained_run / "data" / "prepared" / "eval" / "world-eval")
     unseen = [c for c, s in zip(dataset.classes, dataset.seen) if not s]
     image = dataset.image_path(0)
     status = main(["segment", str(image), "--classes", ", ".join(unseen + ["grass", "sky"]),
@@ -79,7 +79,7 @@ def test_cli_writes_overlay_and_label_map_for_an_unseen_vocabulary(trained_run, 
 
 
 def test_bf16_evaluation_is_within_half_a_point_of_fp32(trained_run):
-    dataset = PreparedDataset.load(trained_run / "data" / "prepared" / "world-eval")
+    dataset = PreparedDataset.load(trained_run / "data" / "prepared" / "eval" / "world-eval")
     scores = {}
     for precision in ("fp32", "bf16"):
         model, _ = load_model(trained_run / "models" / "train_maskformer" / "model.pt")

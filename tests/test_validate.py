@@ -51,3 +51,15 @@ def test_missing_dataset_roots_mask_files_and_an_unknown_reader_are_all_reported
     assert any("mine.variants.sam-nouns.mask_file" in p and "nowhere/sam.json" in p for p in problems)
     assert any("prepare.eval.world-eval" in p and "nowhere/ade" in p for p in problems)
     assert any("prepare.eval.world-val.reader" in p and "ade-typo" in p for p in problems)
+
+
+def test_sets_outside_the_folders_dvc_tracks_for_their_stage_are_reported(monkeypatch):
+    monkeypatch.chdir(REPO)
+    params = load_params(REPO / "params.yaml")
+    assert check(params) == []
+    params["train_maskformer"]["heldout"] = ["data/prepared/eval/world-eval", "data/prepared/world-val"]
+    params["evaluate"]["common"]["datasets"]["world-eval"]["root"] = "data/elsewhere/world-eval"
+    problems = check(params)
+    assert len(problems) == 2
+    assert "train_maskformer.heldout: data/prepared/world-val" in problems[0] and "data/prepared/eval" in problems[0]
+    assert "evaluate.common.datasets.world-eval.root: data/elsewhere/world-eval" in problems[1]

@@ -17,6 +17,7 @@ with res5's dilations set after construction; the backbone that ov-seg's R101c r
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -375,20 +376,29 @@ def save_model(path: str | Path, model: OpenVocabMaskFormer, meta: dict[str, Any
     return Path(path)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[OpenVocabMaskFormer, dict[str, Any]]:
-    """Rebuild a model written by `save_model`; returns (model in eval mode, meta)."""
-    path = Path(path)
+def _read_saved(path: Path, mmap: bool) -> dict[str, Any]:
+    """The payload `save_model` wrote (memory-mapped: tensors are read only when touched), checked by format."""
     if not path.is_file():
         raise MissingWeightsError(f"proposal network {path} not found: train it first (the MaskFormer stage)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
         if payload.get("format") != MODEL_FORMAT:
             raise ValueError(f"format {payload.get('format')!r}, expected {MODEL_FORMAT!r}")
+    except (OSError, RuntimeError, ValueError, AttributeError, EOFError, pickle.UnpicklingError) as e:
+        raise DataError(path, f"not a proposal network saved by save_model: {e}") from e
+    return payload
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[OpenVocabMaskFormer, dict[str, Any]]:
+    """Rebuild a model written by `save_model`; returns (model in eval mode, meta)."""
+    path = Path(path)
+    payload = _read_saved(path, mmap=False)
+    try:
         net = ProposalNetConfig.from_dict(payload["net"])
         state = payload["state_dict"]
         model = OpenVocabMaskFormer(net, state["class_predictor.text_features"])
         model.load_state_dict(state)
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(path, f"not a proposal network saved by save_model: {e}") from e
     return model.to(device).eval(), payload["meta"]
 
@@ -397,9 +407,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """The `meta` of a model written by `save_model` (e.g. its training classes), without building the model:
     the file is memory-mapped, so its weights are not read."""
     try:
-        payload = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        return dict(payload["meta"])
-    except (OSError, RuntimeError, KeyError, TypeError) as e:
+        return dict(_read_saved(Path(path), mmap=True)["meta"])
+    except (KeyError, TypeError) as e:
         raise DataError(Path(path), f"not a proposal network saved by save_model: {e}") from e
 
 
