@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import yaml
 
 from ovseg_core.atomic import atomic_file
+from stages.common import depth_variant
 
 SEEDS_DIR = Path("reports/seeds")
 METRICS = ("mIoU", "seen_mIoU", "unseen_mIoU", "hIoU")
@@ -70,7 +71,7 @@ CLAIMS = (
     Claim("ensemble > CLIP's class prediction alone", "Table 6", ("ft-mpt", "ensemble", "mIoU"),
           ("ft-mpt", "clip", "mIoU")),
 )
-DEPTH_VARIANTS = {1: "mpt-depth1", 3: "mpt", 6: "mpt-depth6"}  # Table 5 (w/o FT), when the ablation ran
+DEPTH_VARIANTS = {1: depth_variant(1), 3: "mpt", 6: depth_variant(6)}  # Table 5 (w/o FT), with ablations.prompt_depths [1, 6]
 
 
 def verdict(differences: Sequence[float], z: float = Z) -> dict[str, Any]:
@@ -121,7 +122,7 @@ def judge(seeds: dict[int, dict[str, Any]], dataset: str) -> list[dict[str, Any]
                        "verdict": "holds" if flat else "not flat"})
     else:
         judged.append({"claim": "prompt depth roughly flat", "paper": "Table 5", "seeds": 0,
-                       "verdict": "not evaluated: the depth ablation (mpt-depth1, mpt-depth6) did not run"})
+                       "verdict": "not evaluated: the depth ablation did not run (ablations.prompt_depths: [1, 6])"})
     return judged
 
 

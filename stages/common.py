@@ -37,6 +37,25 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     return params
 
 
+def depth_variant(depth: int) -> str:
+    """The variant `ablations.prompt_depths` adds for one depth (Table 5: `mpt` at that prompt depth)."""
+    return f"mpt-depth-{int(depth)}"
+
+
+def ablation_variants(params: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
+    """Variants that params.yaml's `ablations` adds to the repeated stage `key` (dvc.yaml runs them as the stage
+    groups `adapt_clip-mpt-depth` and `evaluate-mpt-depth`, one stage per listed depth, so that one setting
+    switches an ablation on). `prompt_depths: [d, ...]` adds `mpt-depth-<d>`: to adapt_clip the `mpt` variant
+    with prompt depth d, to evaluate the `mpt` evaluation of that CLIP."""
+    depths = (params.get("ablations") or {}).get("prompt_depths") or []
+    if key not in ("adapt_clip", "evaluate") or not depths:
+        return {}
+    base = params[key]["variants"]["mpt"]
+    if key == "adapt_clip":
+        return {depth_variant(d): {**base, "prompt_depth": int(d)} for d in depths}
+    return {depth_variant(d): {**base, "clip": f"{params['adapt_clip']['out']}/{depth_variant(d)}"} for d in depths}
+
+
 class StageContext:
     """What a stage may ask of whoever runs it.
 
@@ -59,9 +78,10 @@ class StageContext:
 
     def variant_params(self, key: str) -> tuple[str, dict[str, Any]]:
         """(variant name, merged settings) of a repeated stage: `<key>.common`, overlaid with
-        `<key>.modes.<mode>` when the variant names a mode, then with `<key>.variants.<variant>`."""
+        `<key>.modes.<mode>` when the variant names a mode, then with `<key>.variants.<variant>` (or the
+        variant an `ablations` setting adds)."""
         section = self.section(key)
-        variants = section.get("variants") or {}
+        variants = {**(section.get("variants") or {}), **ablation_variants(self.params, key)}
         if self.variant not in variants:
             raise KeyError(f"params.yaml {key}.variants has no {self.variant!r}; known: {sorted(variants)}")
         chosen = variants[self.variant] or {}

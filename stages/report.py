@@ -20,7 +20,7 @@ from ovseg_core.atomic import write_text
 from ovseg_core.datasets.prepared import load_rgb
 from ovseg_core.errors import DataError
 from ovseg_core.visualize import grid_figure, save_image
-from stages.common import StageContext, main
+from stages.common import StageContext, depth_variant, main
 from stages.evaluate import INDEX_FILE
 
 NOT_RUN = "not run"
@@ -372,8 +372,20 @@ class Report:
         found += [v for key in ("table3", "table4", "table6") for v in (tables.get(key) or {}).values()]
         return list(dict.fromkeys(found))
 
+def with_ablations(settings: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The report's settings with the variants `ablations` switched on in their tables: each of
+    `prompt_depths` a Table 5 column entry of MPT without FT."""
+    depths = (params.get("ablations") or {}).get("prompt_depths") or []
+    if not depths:
+        return settings
+    tables = dict(settings.get("tables") or {})
+    table5 = {column: dict(entries) for column, entries in (tables.get("table5") or {}).items()}
+    table5.setdefault("w/o FT", {}).update({int(d): depth_variant(d) for d in depths})
+    return {**settings, "tables": {**tables, "table5": table5}}
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
-    settings = ctx.section("report")
+    settings = with_ablations(ctx.section("report"), ctx.params)
     report = Report(settings, int(ctx.params.get("seed") or 0))
     markdown, headline = report.render()
     write_text(settings["out"], markdown)

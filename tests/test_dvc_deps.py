@@ -3,9 +3,12 @@ make DVC rerun it (and nothing else). Checked by following the imports of each s
 from __future__ import annotations
 
 import ast
+import re
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from dvc.repo import Repo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,9 +82,15 @@ def test_closure_follows_imports():
     assert not any(f.startswith("flows/") for f in files)
 
 
+def stage_modules() -> dict[str, str]:
+    """The stage module each dvc.yaml stage runs (`python -m flows.stage <name> ...` runs `stages.<name>`)."""
+    with Repo(str(REPO)) as repo:
+        return {stage.name: "stages." + stage.cmd.split("flows.stage", 1)[1].split()[0] for stage in repo.index.stages}
+
+
 @pytest.mark.parametrize("stage, deps", sorted(stage_deps().items()))
 def test_stage_lists_the_code_it_runs(stage: str, deps: list[str]):
-    module = "stages." + stage.split("@")[0]
+    module = stage_modules()[stage]
     missing = sorted(f for f in code_closure(module) if not covered(f, deps))
     assert not missing, f"dvc.yaml stage {stage!r} runs code it does not list as deps: {missing}"
 
@@ -101,3 +110,32 @@ def test_every_metrics_file_has_its_details_file_as_an_out(stage: str, declared:
     metrics, outs = declared
     for path in metrics:
         assert details_path(path).as_posix() in outs, f"{stage}: {details_path(path)} is not among its outs"
+
+
+def test_an_ablation_switched_on_adds_stages_with_the_deps_of_the_variant_it_varies(tmp_path):
+    """`ablations.prompt_depths` (one setting) adds an adaptation and an evaluation per depth; their deps (code,
+    starting CLIP, pairs, evaluation sets) are those of adapt_clip@mpt and evaluate@mpt, their outs their own."""
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ablations"]["prompt_depths"] = [1, 6]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    Repo.init(str(tmp_path), no_scm=True).close()
+    with Repo(str(tmp_path)) as repo:
+        stages = {s.name: s for s in repo.index.stages}
+
+    def paths(items) -> list[str]:
+        return sorted(Path(i.def_path).as_posix() for i in items)
+
+    for depth in (1, 6):
+        name = f"mpt-depth-{depth}"
+
+        def renamed(items) -> list[str]:  # the mpt variant's paths with this depth's variant name
+            return sorted(re.sub(r"(?<=/)mpt(?=$|/|\.json$)", name, p) for p in paths(items))
+
+        adapt, evaluate = stages[f"adapt_clip-mpt-depth@{depth}"], stages[f"evaluate-mpt-depth@{depth}"]
+        assert adapt.cmd == f"python -m flows.stage adapt_clip --variant {name}"
+        assert paths(adapt.deps) == paths(stages["adapt_clip@mpt"].deps)
+        assert paths(adapt.outs) == renamed(stages["adapt_clip@mpt"].outs)
+        assert paths(evaluate.deps) == renamed(stages["evaluate@mpt"].deps)
+        assert paths(evaluate.outs) == renamed(stages["evaluate@mpt"].outs)
+        assert f"models/adapt_clip/{name}" in paths(evaluate.deps)

@@ -53,6 +53,23 @@ def test_variant_settings_are_common_then_mode_then_variant():
         StageContext("adapt_clip", {"adapt_clip": section}, "nope").variant_params("adapt_clip")
 
 
+def test_the_prompt_depth_ablation_adds_the_mpt_variant_at_each_listed_depth():
+    adapt = {"out": "models/adapt_clip", "common": {"steps": 5}, "modes": {"mpt": {"mode": "mpt", "lr": 9.0}},
+             "variants": {"mpt": {"mode": "mpt", "prompt_depth": 3, "init": "clip.pt", "pairs": "p"}}}
+    evaluate = {"common": {"lambda": 0.7}, "variants": {"mpt": {"clip": "models/adapt_clip/mpt", "weights": "clip.pt"}}}
+    params = {"adapt_clip": adapt, "evaluate": evaluate, "ablations": {"prompt_depths": [1, 6]}}
+    assert StageContext("adapt_clip", params, "mpt-depth-6").variant_params("adapt_clip") == (
+        "mpt-depth-6", {"steps": 5, "lr": 9.0, "mode": "mpt", "prompt_depth": 6, "init": "clip.pt", "pairs": "p"})
+    assert StageContext("evaluate", params, "mpt-depth-1").variant_params("evaluate") == (
+        "mpt-depth-1", {"lambda": 0.7, "clip": "models/adapt_clip/mpt-depth-1", "weights": "clip.pt"})
+    with pytest.raises(KeyError, match="no 'mpt-depth-2'"):  # only the listed depths
+        StageContext("adapt_clip", params, "mpt-depth-2").variant_params("adapt_clip")
+    assert adapt["variants"].keys() == {"mpt"}  # the params themselves are left as they are
+    with pytest.raises(KeyError, match="no 'mpt-depth-1'"):  # switched off: none
+        StageContext("adapt_clip", {**params, "ablations": {"prompt_depths": []}}, "mpt-depth-1").variant_params(
+            "adapt_clip")
+
+
 def test_ft_then_mpt_trains_prompts_on_the_fine_tuned_weights(params, tiny_models, tiny_mined):
     run(params, "ft")
     summary = run(params, "ft-mpt")

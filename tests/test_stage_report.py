@@ -150,6 +150,19 @@ def test_report_renders_headline_tables_and_figure(repo):
         assert im.format == "PNG" and im.height > 4 * 256  # 2 images × 2 variants, enlarged panels
 
 
+def test_the_prompt_depth_ablation_fills_table5(repo):
+    """`ablations.prompt_depths` adds its variants to Table 5 (MPT w/o FT) without a line in the report's tables."""
+    write_json("metrics/evaluate/mpt-depth-1.json", evaluation(13.0))
+    settings = {**SETTINGS, "tables": {**SETTINGS["tables"], "table5": {"w/o FT": {3: "mpt"}}}}
+    run(Recorder({"report": settings, "ablations": {"prompt_depths": [1, 6]}}))
+    text = Path("reports/report.md").read_text()
+    row = {line.split(" |")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert row["| 1"] == "| 1 | 13.0 (`mpt-depth-1`) | 25.7 | 29.3 |"
+    assert row["| 6"].startswith("| 6 | not run (`mpt-depth-6`) |") and "mpt-depth-6.json" in text
+    assert row["| 3 (default)"] == "| 3 (default) | 15.0 (`mpt`) | 26.5 | 29.6 |"
+    assert settings["tables"]["table5"] == {"w/o FT": {3: "mpt"}}
+
+
 def test_report_without_any_evaluation_still_renders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run(Recorder({"report": SETTINGS}))
