@@ -85,7 +85,8 @@ def cli_miou(models_dir: str | Path, prepared_eval_dir: str | Path, n_images: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=Path("models"), help="a run's models/ directory")
-    parser.add_argument("--eval", type=Path, default=Path("data/prepared/eval/world-eval"), help="prepared evaluation set")
+    parser.add_argument("--eval", type=Path, default=Path("data/prepared/eval/world-eval"),
+                        help="prepared evaluation set")
     parser.add_argument("--n", type=int, default=50, help="number of images (the first N)")
     parser.add_argument("--clip-variant", default="ft-mpt")
     parser.add_argument("--lam", type=float)

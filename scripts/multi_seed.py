@@ -71,7 +71,8 @@ CLAIMS = (
     Claim("ensemble > CLIP's class prediction alone", "Table 6", ("ft-mpt", "ensemble", "mIoU"),
           ("ft-mpt", "clip", "mIoU")),
 )
-DEPTH_VARIANTS = {1: depth_variant(1), 3: "mpt", 6: depth_variant(6)}  # Table 5 (w/o FT), with ablations.prompt_depths [1, 6]
+# Table 5 (w/o FT): the default depth and those of `ablations.prompt_depths: [1, 6]`
+DEPTH_VARIANTS = {1: depth_variant(1), 3: "mpt", 6: depth_variant(6)}
 
 
 def verdict(differences: Sequence[float], z: float = Z) -> dict[str, Any]:

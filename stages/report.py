@@ -372,6 +372,7 @@ class Report:
         found += [v for key in ("table3", "table4", "table6") for v in (tables.get(key) or {}).values()]
         return list(dict.fromkeys(found))
 
+
 def with_ablations(settings: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """The report's settings with the variants `ablations` switched on in their tables: each of
     `prompt_depths` a Table 5 column entry of MPT without FT."""

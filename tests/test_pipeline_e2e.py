@@ -50,9 +50,9 @@ TINY: dict[str, Any] = {
     "adapt_clip.common.batch_size": 16,
     "adapt_clip.probe_images": 6,
 }
-# Every stage of dvc.yaml runs, each of its stage groups with fewer variants: Table 2's GT-masks + caption-nouns
-# chain (mine@gt-nouns, adapt_clip@ft-gt-nouns, evaluate@ft-gt-nouns) is left out, as its code paths are the
-# other variants' (mining of all three variants: tests/test_mining_content.py).
+# Every stage of dvc.yaml runs (but the ablations' groups, empty by default), its stage groups with fewer variants:
+# Table 2's GT-masks + caption-nouns chain (mine@gt-nouns, adapt_clip@ft-gt-nouns, evaluate@ft-gt-nouns) is left
+# out, as its code paths are the other variants' (mining of all three variants: tests/test_mining_content.py).
 LEFT_OUT = {"mine": ["gt-nouns"], "adapt_clip": ["ft-gt-nouns"], "evaluate": ["ft-gt-nouns"]}
 
 
