@@ -70,7 +70,7 @@ class Run:
         print(f"[{datetime.datetime.now():%H:%M:%S}] {name}: {' '.join(cmd)}", flush=True)
         result = measure.run(cmd, cwd, self.env, **kwargs)
         self.record["steps"][name] = {"seconds": result.seconds, "peak_rss_gib": result.peak_rss_gib,
-                                      "returncode": result.returncode}
+                                      "peak_pss_gib": result.peak_pss_gib, "returncode": result.returncode}
         print(f"    {self.record['steps'][name]}", flush=True)
         if result.returncode and "kill_when" not in kwargs:
             raise RuntimeError(f"{name} failed:\n{result.output[-4000:]}")
@@ -212,6 +212,7 @@ def full_run(args: argparse.Namespace) -> dict[str, Any]:
                 "(two start-ups), the tenth one stage run",
     }
     record["peak_rss_gib_max"] = max(s["peak_rss_gib"] for s in steps.values())
+    record["peak_pss_gib_max"] = max(s["peak_pss_gib"] for s in steps.values())
     return record
 
 
@@ -245,6 +246,7 @@ def linearity(args: argparse.Namespace) -> dict[str, Any]:
                 "raw_ratio": round(full / sizes[-2] * seconds[sizes[-2]] / seconds[full], 3),
             }
     record["peak_rss_gib_max"] = max(s["peak_rss_gib"] for s in steps.values())
+    record["peak_pss_gib_max"] = max(s["peak_pss_gib"] for s in steps.values())
     return record
 
 

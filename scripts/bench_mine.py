@@ -41,7 +41,8 @@ def run_stage(code: Path, params: dict[str, Any], variant: str, work: Path) -> d
         raise RuntimeError(f"{' '.join(cmd)} (in {code}) failed:\n{result.output[-3000:]}")
     summary = measure.last_json(result.output)
     return {"process_s": result.seconds, "stage_s": summary["wall_s"], "pairs": summary["pairs"],
-            "images": summary["images"], "peak_rss_gib": result.peak_rss_gib}
+            "images": summary["images"], "peak_rss_gib": result.peak_rss_gib,
+            "peak_pss_gib": result.peak_pss_gib}
 
 
 def stage_params(code: Path, run_dir: Path, variant: str, work: Path, overrides: dict[str, Any]) -> dict[str, Any]:

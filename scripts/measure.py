@@ -1,7 +1,12 @@
 """Run a command and measure it: wall time and the peak memory of its whole process tree.
 
-Peak memory is the largest sum of the resident set sizes of the command's process and all its
-descendants, sampled every 0.2 s (a stage's Prefect server, DVC, DataLoader and Dask workers included).
+Peak memory of the command's process and all its descendants (a stage's Prefect server, DVC, DataLoader and
+Dask workers included), sampled every 0.2 s, two ways:
+- `peak_rss_gib`: the largest sum of resident set sizes. It counts a page shared by N processes N times: torch's
+  libraries, mapped by every worker process, make a tree of 4 Python processes look ~0.3 GiB per process bigger
+  than it is.
+- `peak_pss_gib`: the largest sum of proportional set sizes (a shared page split among its sharers): what the
+  tree takes from the machine's memory. Linux only; elsewhere it repeats the RSS figure.
 """
 from __future__ import annotations
 
@@ -19,14 +24,19 @@ from typing import Callable
 import psutil
 
 
-def tree_rss(root: psutil.Process) -> int:
-    total = 0
+def tree_memory(root: psutil.Process) -> tuple[int, int]:
+    """(summed RSS, summed PSS) of `root` and its descendants, in bytes."""
+    rss = pss = 0
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+            info = proc.memory_full_info()
+        except psutil.AccessDenied:
+            info = proc.memory_info()
+        except psutil.Error:  # gone meanwhile
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", info.rss)
+    return rss, pss
 
 
 @dataclass
@@ -34,6 +44,7 @@ class Measured:
     returncode: int
     seconds: float
     peak_rss_gib: float
+    peak_pss_gib: float
     output: str
 
 
@@ -44,7 +55,8 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None,
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env or dict(os.environ), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    peak, root, chunks = [0], psutil.Process(proc.pid), []
+    peak_rss = peak_pss = 0
+    root, chunks = psutil.Process(proc.pid), []
 
     def read() -> None:
         assert proc.stdout is not None
@@ -54,14 +66,16 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None,
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     while proc.poll() is None:
-        peak[0] = max(peak[0], tree_rss(root))
+        rss, pss = tree_memory(root)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         if kill_when is not None and kill_when():
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.2)
     proc.wait()
     reader.join(timeout=10)
-    return Measured(proc.returncode, round(time.perf_counter() - start, 1), round(peak[0] / 2**30, 3), "".join(chunks))
+    return Measured(proc.returncode, round(time.perf_counter() - start, 1), round(peak_rss / 2**30, 3),
+                    round(peak_pss / 2**30, 3), "".join(chunks))
 
 
 def last_json(output: str) -> dict:

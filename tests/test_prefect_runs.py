@@ -169,3 +169,24 @@ def test_a_transient_unit_failure_is_retried_by_prefect(tmp_path):
     ctx = PrefectStageContext("demo", params)
     with pytest.raises(OSError, match="transient failure of unit 2"):
         flow(name="retry-demo", persist_result=False)(lambda: ctx.map(unit, range(4), "units"))()
+
+
+def test_local_dask_workers_run_with_glibcs_own_trim_threshold():
+    # Dask's default MALLOC_TRIM_THRESHOLD_=65536 halves mining throughput (freed tensors go back to the OS and
+    # fault in again); the local cluster's workers must start without it
+    import dask
+    from distributed import Client, LocalCluster
+
+    from flows.stage import task_runner
+    from ovseg_core.compute import ComputeConfig
+
+    saved = dask.config.get("distributed")
+    try:
+        task_runner({"task_runner": "dask"}, ComputeConfig.from_dict({"processes": 1}))
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            env = next(iter(client.run(lambda: dict(os.environ)).values()))
+    finally:
+        dask.config.set({"distributed": saved})
+    assert "MALLOC_TRIM_THRESHOLD_" not in env
+    assert env.get("OMP_NUM_THREADS") == "1"  # Dask's other settings kept
