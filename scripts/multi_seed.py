@@ -1,15 +1,19 @@
 """The whole chain over several seeds, and the paper's claims judged from them, not from one run.
 
     python -m scripts.multi_seed run --seeds 0 1 2     # each seed not yet collected: the chain, then collect
+    python -m scripts.multi_seed run --seeds 0 1 2 --force --set 'ablations.prompt_depths=[1,6]'   # + Table 5
     python -m scripts.multi_seed report                # reports/seeds.md and reports/seeds.json
 
 `run` reproduces the chain once per seed on the same world: for params.yaml's own `seed` a plain `dvc repro`, for
 every other seed a DVC experiment, `dvc exp run -S seed=N --name seed-N` (so `dvc exp show` lists them with their
-headline metrics; each training stage's seed is offset by the run seed, see stages/common.py). After each run the
+headline metrics; each training stage's seed is offset by the run seed, see stages/common.py). `--set KEY=VALUE`
+(repeatable, `dvc exp run -S` syntax) changes params.yaml for every seed, e.g. to switch an ablation on; then every
+seed, params.yaml's own too, runs as an experiment. After each run the
 evaluation scores (`report.evaluations`) and the sweep's best cell are copied to `reports/seeds/seed-N/` (a few KB,
 committed with the report), and at the end the workspace is put back to params.yaml's seed: every file git tracks
 (params.yaml, dvc.lock and the stages' uncached metrics, plots and report) as it was before the first experiment,
-then `dvc checkout` for the cached outputs.
+then `dvc checkout` for the cached outputs; files an experiment added that git neither tracks nor ignores (the
+outputs of stages that only the experiment's settings add; not the collected seeds) are removed.
 
 `report` reads every `reports/seeds/seed-*/` and writes every evaluated score as mean ± standard deviation over the
 seeds, and a verdict for each claim of the paper. A claim "A > B" is judged on the paired differences A − B of the
@@ -212,27 +216,30 @@ def collect(seed: int, params: dict[str, Any], root: Path) -> None:
     tmp.rename(dest)
 
 
-def run_seeds(seeds: Sequence[int], root: Path, force: bool) -> None:
+def run_seeds(seeds: Sequence[int], root: Path, force: bool, sets: Sequence[str] = ()) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     own = int(params.get("seed") or 0)
     runs_file = root / "runs.json"
     meta = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
     meta.setdefault("wall_s", {})
-    meta.update(date=datetime.date.today().isoformat(), machine=machine(),
-                command="python -m scripts.multi_seed run --seeds " + " ".join(map(str, seeds)))
+    meta.update(date=datetime.date.today().isoformat(), machine=machine(), sets=list(sets),
+                command="python -m scripts.multi_seed run --seeds " + " ".join(map(str, seeds))
+                + (" --force" if force else "") + "".join(f" --set '{s}'" for s in sets))
     root.mkdir(parents=True, exist_ok=True)
     # params.yaml's own seed first, so that its results are what the workspace is put back to at the end
     todo = [s for s in sorted(seeds, key=lambda s: s != own) if force or not (root / f"seed-{s}").is_dir()]
     print(f"seeds to run: {todo or 'none'} (collected already: {sorted(set(seeds) - set(todo))})", flush=True)
     kept: dict[Path, bytes] = {}
+    new_before = untracked()
     try:
         for seed in todo:
             t0 = time.perf_counter()
-            if seed == own:
+            if seed == own and not sets:
                 sh("dvc", "repro")
             else:
                 kept = kept or tracked_files(exclude=root)
-                sh("dvc", "exp", "run", "--force", "-S", f"seed={seed}", "--name", f"seed-{seed}")
+                sh("dvc", "exp", "run", "--force", "-S", f"seed={seed}", *(a for s in sets for a in ("-S", s)),
+                   "--name", f"seed-{seed}")
             collect(seed, params, root)
             meta["wall_s"][str(seed)] = round(time.perf_counter() - t0, 1)
             runs_file.write_text(json.dumps(meta, indent=1) + "\n")
@@ -240,6 +247,25 @@ def run_seeds(seeds: Sequence[int], root: Path, force: bool) -> None:
         if kept:  # back to params.yaml's seed and its results
             restore(kept)
             sh("dvc", "checkout", "--force")
+            remove_new({f for f in untracked() - new_before if root.resolve() not in f.resolve().parents})
+
+
+def untracked() -> set[Path]:
+    """Files git neither tracks nor ignores."""
+    out = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], check=True,
+                         capture_output=True).stdout.decode()
+    return {Path(n) for n in out.split("\0") if n}
+
+
+def remove_new(files: set[Path]) -> None:
+    """Delete `files` (an experiment's leftovers) and the directories they leave empty."""
+    for f in sorted(files):
+        print(f"removing the experiment's {f}", flush=True)
+        f.unlink(missing_ok=True)
+        for parent in f.parents:
+            if parent == Path(".") or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 def tracked_files(exclude: Path) -> dict[Path, bytes]:
@@ -273,11 +299,13 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run", help="run the chain for each seed not collected yet, then collect its scores")
     r.add_argument("--seeds", type=int, nargs="+", required=True)
     r.add_argument("--force", action="store_true", help="rerun seeds that are collected already")
+    r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a params.yaml change for every seed (dvc exp run -S syntax), e.g. 'ablations.prompt_depths=[1,6]'")
     sub.add_parser("report", help="aggregate reports/seeds/seed-*/ into reports/seeds.md and reports/seeds.json")
     args = ap.parse_args(argv)
     params = yaml.safe_load(Path("params.yaml").read_text())
     if args.cmd == "run":
-        run_seeds(args.seeds, SEEDS_DIR, args.force)
+        run_seeds(args.seeds, SEEDS_DIR, args.force, args.sets)
     dataset = params["report"]["datasets"][0]
     out_md = Path(params["report"].get("seeds") or "reports/seeds.md")
     record = write_report(out_md, out_md.with_suffix(".json"), dataset)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts import multi_seed
 from scripts.multi_seed import CLAIMS, judge, load_seeds, restore, tracked_files, verdict, write_report
 
 DATASET = "world-eval"
@@ -99,3 +100,35 @@ def test_the_workspace_is_put_back_after_the_experiments_except_the_collected_se
         assert Path(name).read_text() == files[name], name
     assert Path("reports/seeds/runs.json").read_text() == '{"wall_s": {"2": 1000}}\n'
     assert not list(tmp_path.rglob(".*.tmp"))  # no temporary left beside a restored file
+
+
+def test_a_setting_for_every_seed_runs_each_as_an_experiment_and_removes_what_only_it_added(tmp_path, monkeypatch):
+    """`--set` goes to every seed's `dvc exp run`, params.yaml's own seed too (a plain `dvc repro` would not apply
+    it); afterwards the outputs of stages only the setting added are gone, a file the user had is not."""
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    Path("params.yaml").write_text("seed: 0\nreport: {evaluations: metrics/evaluate, sweep: metrics/sweep.json}\n")
+    Path("metrics/evaluate").mkdir(parents=True)
+    Path("metrics/evaluate/mpt.json").write_text("{}")
+    subprocess.run(["git", "add", "."], check=True)
+    Path("notes.txt").write_text("mine")  # untracked before the run: kept
+    commands = []
+
+    def fake_sh(*cmd):
+        commands.append(cmd)
+        if cmd[:3] == ("dvc", "exp", "run"):  # the experiment's own outputs, e.g. an ablation's evaluation
+            Path("models/mpt-depth-1").mkdir(parents=True, exist_ok=True)
+            Path("models/mpt-depth-1/model.pt").write_text("w")
+            Path("metrics/evaluate/mpt-depth-1.json").write_text('{"seed": %d}' % len(commands))
+            Path("params.yaml").write_text("seed: 9\n")
+
+    monkeypatch.setattr(multi_seed, "sh", fake_sh)
+    multi_seed.run_seeds([0, 1], Path("reports/seeds"), force=False, sets=["ablations.prompt_depths=[1,6]"])
+    runs = [c for c in commands if c[:3] == ("dvc", "exp", "run")]
+    assert [c[c.index("-S") + 1] for c in runs] == ["seed=0", "seed=1"]
+    assert all("ablations.prompt_depths=[1,6]" in c for c in runs)
+    assert ("dvc", "repro") not in commands
+    assert Path("reports/seeds/seed-1/evaluate/mpt-depth-1.json").is_file()  # collected before the clean-up
+    assert not Path("models").exists() and not Path("metrics/evaluate/mpt-depth-1.json").exists()
+    assert Path("notes.txt").read_text() == "mine" and Path("params.yaml").read_text().startswith("seed: 0")
+    assert "--set 'ablations.prompt_depths=[1,6]'" in json.loads(Path("reports/seeds/runs.json").read_text())["command"]
