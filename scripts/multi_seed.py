@@ -5,15 +5,16 @@
     python -m scripts.multi_seed report                # reports/seeds.md and reports/seeds.json
 
 `run` reproduces the chain once per seed on the same world: for params.yaml's own `seed` a plain `dvc repro`, for
-every other seed a DVC experiment, `dvc exp run -S seed=N --name seed-N` (so `dvc exp show` lists them with their
-headline metrics; each training stage's seed is offset by the run seed, see stages/common.py). `--set KEY=VALUE`
-(repeatable, `dvc exp run -S` syntax) changes params.yaml for every seed, e.g. to switch an ablation on; then every
-seed, params.yaml's own too, runs as an experiment. After each run the
-evaluation scores (`report.evaluations`) and the sweep's best cell are copied to `reports/seeds/seed-N/` (a few KB,
-committed with the report), and at the end the workspace is put back to params.yaml's seed: every file git tracks
-(params.yaml, dvc.lock and the stages' uncached metrics, plots and report) as it was before the first experiment,
-then `dvc checkout` for the cached outputs; files an experiment added that git neither tracks nor ignores (the
-outputs of stages that only the experiment's settings add; not the collected seeds) are removed.
+every other seed a DVC experiment, `dvc exp run -S seed=N --name seed-N`, which reruns only the stages the seed
+reaches, not `world` and `prepare` (`dvc exp show` lists them with their headline metrics; each training stage's
+seed is offset by the run seed, see stages/common.py). `--set KEY=VALUE` (repeatable, `dvc exp run -S` syntax)
+changes params.yaml for every seed, e.g. to switch an ablation on; then every seed, params.yaml's own too, runs as
+an experiment. After each run the evaluation scores (`report.evaluations`) and the sweep's best cell are copied to
+`reports/seeds/seed-N/` (a few KB, committed with the report), and at the end the workspace is put back to
+params.yaml's seed: every file git tracks (params.yaml, dvc.lock and the stages' uncached metrics, plots and report)
+as it was before the first experiment, then `dvc checkout` for the cached outputs; files an experiment added that
+git neither tracks nor ignores (the outputs of stages that only the experiment's settings add; not the collected
+seeds) are removed.
 
 `report` reads every `reports/seeds/seed-*/` and writes every evaluated score as mean ± standard deviation over the
 seeds, and a verdict for each claim of the paper. A claim "A > B" is judged on the paired differences A − B of the
@@ -195,11 +196,11 @@ def write_report(out_md: Path, out_json: Path, dataset: str, root: Path = SEEDS_
     return record
 
 
-def sh(*cmd: str) -> None:
+def sh(*cmd: str, check: bool = True) -> None:
     """Run a command; `dvc` is this environment's, and so is dvc.yaml's `python`, also when it was not activated."""
     print("+", " ".join(cmd), flush=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run([str(Path(sys.executable).with_name("dvc")), *cmd[1:]] if cmd[0] == "dvc" else cmd, check=True,
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), *cmd[1:]] if cmd[0] == "dvc" else cmd, check=check,
                    env=env)
 
 
@@ -238,7 +239,9 @@ def run_seeds(seeds: Sequence[int], root: Path, force: bool, sets: Sequence[str]
                 sh("dvc", "repro")
             else:
                 kept = kept or tracked_files(exclude=root)
-                sh("dvc", "exp", "run", "--force", "-S", f"seed={seed}", *(a for s in sets for a in ("-S", s)),
+                # `exp run` refuses a name an earlier experiment has; its --force would also rerun every stage
+                sh("dvc", "exp", "remove", f"seed-{seed}", check=False)
+                sh("dvc", "exp", "run", "-S", f"seed={seed}", *(a for s in sets for a in ("-S", s)),
                    "--name", f"seed-{seed}")
             collect(seed, params, root)
             meta["wall_s"][str(seed)] = round(time.perf_counter() - t0, 1)

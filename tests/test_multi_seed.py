@@ -114,7 +114,7 @@ def test_a_setting_for_every_seed_runs_each_as_an_experiment_and_removes_what_on
     Path("notes.txt").write_text("mine")  # untracked before the run: kept
     commands = []
 
-    def fake_sh(*cmd):
+    def fake_sh(*cmd, check=True):
         commands.append(cmd)
         if cmd[:3] == ("dvc", "exp", "run"):  # the experiment's own outputs, e.g. an ablation's evaluation
             Path("models/mpt-depth-1").mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,7 @@ def test_a_setting_for_every_seed_runs_each_as_an_experiment_and_removes_what_on
     multi_seed.run_seeds([0, 1], Path("reports/seeds"), force=False, sets=["ablations.prompt_depths=[1,6]"])
     runs = [c for c in commands if c[:3] == ("dvc", "exp", "run")]
     assert [c[c.index("-S") + 1] for c in runs] == ["seed=0", "seed=1"]
-    assert all("ablations.prompt_depths=[1,6]" in c for c in runs)
+    assert all("ablations.prompt_depths=[1,6]" in c and "--force" not in c for c in runs)  # no forced reruns
     assert ("dvc", "repro") not in commands
     assert Path("reports/seeds/seed-1/evaluate/mpt-depth-1.json").is_file()  # collected before the clean-up
     assert not Path("models").exists() and not Path("metrics/evaluate/mpt-depth-1.json").exists()
