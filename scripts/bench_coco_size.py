@@ -25,6 +25,9 @@ size-dependent part alone.
     python -m scripts.bench_coco_size --clone /work/coco-run --out benchmarks/coco-size-cpu.json
     python -m scripts.bench_coco_size linearity --clone /work/lin --sizes 1000 11829 118287 --out F.json
     python -m scripts.bench_coco_size --clone /tmp/small --images 3000 --out /tmp/small.json   # a quick rehearsal
+    python -m scripts.bench_coco_size slices --clone /work/coco-run --units 12 --out F.json   # threads vs Dask
+
+`slices` repeats step 5's thread-runner and Dask mining of the first units in a clone where the models exist.
 
 Subcommands used by the above (each runs in its own process, so that its memory is its own):
 `loader-pass --kind open_clip|adapt_clip --shards DIR`, `mine-units --params FILE --units U... --out DIR`.
@@ -111,7 +114,11 @@ def new_run(clone: Path) -> tuple[Path, dict[str, Any]]:
     clone = clone.resolve()
     if clone.exists():
         raise SystemExit(f"{clone} exists: give a new directory")
-    return clone, {
+    return clone, new_record()
+
+
+def new_record() -> dict[str, Any]:
+    return {
         "date": datetime.date.today().isoformat(),
         "machine": measure.machine(),
         "command": "python -m scripts.bench_coco_size " + " ".join(sys.argv[1:]),
@@ -119,6 +126,39 @@ def new_run(clone: Path) -> tuple[Path, dict[str, Any]]:
                                  text=True).stdout.strip(),
         "steps": {},
     }
+
+
+def mine_slices(run: "Run", params: dict[str, Any], clone: Path, units: int) -> dict[str, Path]:
+    """The first `units` units mined by the stage on Prefect's thread runner and on a local Dask cluster of two
+    worker processes, each into directories of its own; their summaries go into the record, their shard
+    directories are returned."""
+    mined = {}
+    for name, prefect in (("slice-threads", {}), ("slice-dask", {"task_runner": "dask"})):
+        params_file = slice_params(params, clone, name, units, **prefect)
+        if name == "slice-dask":  # a local Dask cluster of two worker processes
+            sliced = yaml.safe_load(params_file.read_text())
+            sliced["compute"]["processes"] = 2
+            params_file.write_text(yaml.safe_dump(sliced, sort_keys=False))
+        result = run.step(f"mine first {units} units ({name})", [sys.executable, "-m", "flows.stage", "mine",
+                                                                 "--variant", VARIANT, "--params", str(params_file)],
+                          clone)
+        run.record[name] = {"units": units, "summary": measure.last_json(result.output)}
+        mined[name] = clone / "bench" / name / "mined" / VARIANT
+    return mined
+
+
+def slices(args: argparse.Namespace) -> dict[str, Any]:
+    """Thread runner against local Dask cluster on the first `--units` units, in a clone where the full run (or
+    `dvc repro train_maskformer`) has run: time, images/s, memory, and whether their shards are byte-identical."""
+    clone, record = args.clone.resolve(), new_record()
+    run = Run(record)
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    mined = mine_slices(run, params, clone, args.units)
+    threads, dask = (shard_digests(d, range(args.units)) for d in mined.values())
+    record["slices_byte_identical"] = threads == dask
+    record["peak_rss_gib_max"] = max(s["peak_rss_gib"] for s in record["steps"].values())
+    record["peak_pss_gib_max"] = max(s["peak_pss_gib"] for s in record["steps"].values())
+    return record
 
 
 def full_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,18 +221,8 @@ def full_run(args: argparse.Namespace) -> dict[str, Any]:
                               shard_digests(clone / "bench/units", check) == shard_digests(out, check)}
 
     tenth = max(1, round(units * args.fraction))
-    for name, prefect in (("slice-threads", {}), ("slice-dask", {"task_runner": "dask"})):
-        params_file = slice_params(params, clone, name, tenth, **prefect)
-        if name == "slice-dask":  # a local Dask cluster of two worker processes
-            sliced = yaml.safe_load(params_file.read_text())
-            sliced["compute"]["processes"] = 2
-            params_file.write_text(yaml.safe_dump(sliced, sort_keys=False))
-        result = run.step(f"mine first {tenth} units ({name})", [sys.executable, "-m", "flows.stage", "mine",
-                                                                 "--variant", VARIANT, "--params", str(params_file)],
-                          clone)
-        record[name] = {"units": tenth, "summary": measure.last_json(result.output), "byte_identical":
-                        shard_digests(clone / "bench" / name / "mined" / VARIANT, range(tenth))
-                        == shard_digests(out, range(tenth))}
+    for name, mined in mine_slices(run, params, clone, tenth).items():
+        record[name]["byte_identical"] = shard_digests(mined, range(tenth)) == shard_digests(out, range(tenth))
 
     # linearity of world and prepare: the same profile at a tenth of the images, in a clone of its own
     small = clone.parent / f"{clone.name}-tenth"
@@ -322,6 +352,10 @@ def main() -> None:
     mu.add_argument("--params", type=Path, required=True)
     mu.add_argument("--units", type=int, nargs="+", required=True)
     mu.add_argument("--out", type=Path, required=True)
+    sl = sub.add_parser("slices")
+    sl.add_argument("--clone", type=Path, required=True)
+    sl.add_argument("--units", type=int, required=True)
+    sl.add_argument("--out", type=Path)
     li = sub.add_parser("linearity")
     li.add_argument("--clone", type=Path, required=True)
     li.add_argument("--sizes", type=int, nargs="+", required=True)
@@ -333,7 +367,7 @@ def main() -> None:
         return mine_units(args)
     if args.command != "linearity" and not args.clone:
         parser.error("--clone is needed for a run")
-    record = linearity(args) if args.command == "linearity" else full_run(args)
+    record = {"linearity": linearity, "slices": slices}.get(args.command, full_run)(args)
     print(json.dumps(record, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
