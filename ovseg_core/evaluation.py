@@ -29,7 +29,7 @@ from .datasets.prepared import PreparedDataset
 from .loading import data_loader
 from .inference import ClipBranch, ClipScores, Proposals, classify_proposals, combine_scores, proposals, semantic_map
 from .maskformer.model import OpenVocabMaskFormer
-from .metrics import ConfusionMatrix, SegmentationMetrics
+from .metrics import ConfusionMatrix, SegmentationMetrics, bootstrap_se
 from .progress import track
 
 BRANCHES: tuple[str, ...] = ("maskformer", "clip", "ensemble")
@@ -129,6 +129,7 @@ class BranchResult:
     seconds: dict[str, float]  # PROPOSAL_STEP, CLIP_STEP and each branch's semantic map
     images: int
     examples: list[Example] = field(default_factory=list)
+    per_image: dict[str, np.ndarray] = field(default_factory=dict)  # branch → [images, 3, K] (metrics.bootstrap_se)
 
     @classmethod
     def merge(cls, parts: Sequence["BranchResult"]) -> "BranchResult":
@@ -137,10 +138,15 @@ class BranchResult:
         return cls(confusion={b: sum(p.confusion[b] for p in parts) for b in parts[0].confusion},
                    seconds={k: sum(p.seconds[k] for p in parts) for k in parts[0].seconds},
                    images=sum(p.images for p in parts),
-                   examples=sorted((e for p in parts for e in p.examples), key=lambda e: e.index))
+                   examples=sorted((e for p in parts for e in p.examples), key=lambda e: e.index),
+                   per_image={b: np.concatenate([p.per_image[b] for p in parts]) for b in parts[0].per_image})
 
     def metrics(self, class_names: Sequence[str], seen: Sequence[bool]) -> dict[str, SegmentationMetrics]:
         return {b: SegmentationMetrics.from_confusion(m, class_names, seen) for b, m in self.confusion.items()}
+
+    def standard_errors(self, seen: Sequence[bool]) -> dict[str, dict[str, float | None]]:
+        """Per branch, the bootstrap standard errors over these images (images in index order: reproducible)."""
+        return {b: bootstrap_se(counts, seen) for b, counts in self.per_image.items()}
 
     def branch_seconds(self, branch: str) -> float:
         """Time that branch alone would take: the shared steps it needs plus its own semantic map."""
@@ -166,7 +172,7 @@ def evaluate_branches(segmenter: BranchSegmenter, dataset: PreparedDataset, lam:
     indices = range(len(dataset)) if indices is None else indices
     device = segmenter.model.pixel_mean.device
     seen = torch.tensor(dataset.seen, device=device) if seen_lambda else None
-    confusion = {b: ConfusionMatrix(dataset.num_classes, dataset.ignore_label) for b in BRANCHES}
+    confusion = {b: ConfusionMatrix(dataset.num_classes, dataset.ignore_label, keep_images=True) for b in BRANCHES}
     seconds = dict.fromkeys((PROPOSAL_STEP, CLIP_STEP, *BRANCHES), 0.0)
     examples = []
 
@@ -189,7 +195,9 @@ def evaluate_branches(segmenter: BranchSegmenter, dataset: PreparedDataset, lam:
         if i < keep_examples:
             examples.append(Example(i, dataset.samples[i].id, image, gt,
                                     {b: m.cpu().numpy().astype(np.int64) for b, m in maps.items()}))
-    return BranchResult({b: c.matrix for b, c in confusion.items()}, seconds, len(indices), examples)
+    return BranchResult({b: c.matrix for b, c in confusion.items()}, seconds, len(indices), examples,
+                        {b: np.array(c.per_image, np.int64).reshape(-1, 3, dataset.num_classes)
+                         for b, c in confusion.items()})
 
 
 @dataclass

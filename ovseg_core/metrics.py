@@ -51,9 +51,12 @@ def ids_outside(ids: np.ndarray, num_classes: int) -> list[int]:
 
 
 class ConfusionMatrix:
-    """Accumulates a [K, K] int64 pixel confusion matrix (rows: ground truth, columns: prediction)."""
+    """Accumulates a [K, K] int64 pixel confusion matrix (rows: ground truth, columns: prediction) and, with
+    `keep_images`, each image's per-class [true positives, ground-truth pixels, predicted pixels] (`per_image`,
+    for `bootstrap_se`; 3K numbers per image, so off where many matrices accumulate, as in the sweep)."""
 
-    def __init__(self, num_classes: int, ignore_label: int, matrix: np.ndarray | None = None):
+    def __init__(self, num_classes: int, ignore_label: int, matrix: np.ndarray | None = None,
+                 keep_images: bool = False):
         if num_classes < 1:
             raise ValueError("num_classes must be at least 1")
         if 0 <= ignore_label < num_classes:
@@ -61,6 +64,8 @@ class ConfusionMatrix:
         self.num_classes = num_classes
         self.ignore_label = ignore_label
         self.matrix = np.zeros((num_classes, num_classes), np.int64) if matrix is None else matrix
+        self.keep_images = keep_images
+        self.per_image: list[np.ndarray] = []  # [3, K] int64 per update
         if self.matrix.shape != (num_classes, num_classes):
             raise ValueError(f"matrix shape {self.matrix.shape} does not match {num_classes} classes")
 
@@ -81,7 +86,10 @@ class ConfusionMatrix:
             if source is not None:
                 raise DataError(source, problem)
             raise ValueError(problem)
-        self.matrix += np.bincount(g * k + p, minlength=k * k).reshape(k, k)
+        image = np.bincount(g * k + p, minlength=k * k).reshape(k, k)
+        self.matrix += image
+        if self.keep_images:
+            self.per_image.append(np.stack([np.diag(image), image.sum(axis=1), image.sum(axis=0)]))
 
     def metrics(self, class_names: Sequence[str], seen: Sequence[bool]) -> "SegmentationMetrics":
         return SegmentationMetrics.from_confusion(self.matrix, class_names, seen)
@@ -186,6 +194,43 @@ class SegmentationMetrics:
         """One row per class for a `dvc plots` bar chart; iou is None for classes left out."""
         return [{"class": n, "iou": None if np.isnan(v) else round(float(v), 4), "seen": s}
                 for n, v, s in zip(self.class_names, self.iou, self.seen)]
+
+
+def bootstrap_se(per_image: np.ndarray, seen: Sequence[bool], draws: int = 1000, seed: int = 0
+                 ) -> dict[str, float | None]:
+    """Standard errors over images of mIoU, seen/unseen mIoU and hIoU (percent points): their standard deviation
+    over `draws` resamples of the images with replacement (Efron's bootstrap; seeded, so reproducible).
+
+    `per_image` [N, 3, K]: each image's per-class true positives, ground-truth and predicted pixels
+    (`ConfusionMatrix.per_image`). A resample's IoU is computed from its summed counts, as the full set's is, over
+    the classes present in that resample. Written here: no library bootstraps a ratio of sums over classes."""
+    n, _, k = per_image.shape
+    if n < 2:
+        return dict.fromkeys(("mIoU", "seen_mIoU", "unseen_mIoU", "hIoU"))
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float64)  # [draws, N]
+    sums = (weights @ per_image.reshape(n, 3 * k).astype(np.float64)).reshape(draws, 3, k)
+    tp, union = sums[:, 0], sums[:, 1] + sums[:, 2] - sums[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, 100.0 * tp / union, np.nan)
+    seen_mask = np.asarray(seen, dtype=bool)
+
+    def mean_over(mask: np.ndarray) -> np.ndarray | None:
+        part = iou[:, mask]
+        present = ~np.isnan(part)
+        if not present.any(axis=1).all():
+            return None
+        return np.nansum(part, axis=1) / present.sum(axis=1)
+
+    values = {"mIoU": mean_over(np.ones(k, bool)), "seen_mIoU": mean_over(seen_mask),
+              "unseen_mIoU": mean_over(~seen_mask)}
+    s, u = values["seen_mIoU"], values["unseen_mIoU"]
+    if s is not None and u is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values["hIoU"] = np.where(s + u > 0, 2.0 * s * u / (s + u), 0.0)
+    else:
+        values["hIoU"] = None
+    return {key: None if v is None else round(float(np.std(v, ddof=1)), 4) for key, v in values.items()}
 
 
 def confusion_plot_rows(matrix: np.ndarray, class_names: Sequence[str],

@@ -7,8 +7,11 @@ with that CLIP's (frozen) text tower. Images are cut into chunks that fan out th
 whose confusion matrices are summed.
 
 Writes
-- `<metrics>/<variant>.json`: {dataset: {branch: {mIoU, fwIoU, pACC, mACC, seen_mIoU, unseen_mIoU, hIoU}}}
-  (images/s, of each branch alone and of all three together, are this run's figures: in the summary);
+- `<metrics>/<variant>.json`: {dataset: {mIoU, hIoU}} of the ensemble; beside it, the details
+  {dataset: {branch: {mIoU, fwIoU, pACC, mACC, seen_mIoU, unseen_mIoU, hIoU, <each of the last four>_se, images}}}
+  where `_se` is the bootstrap standard error over the images (`metrics.bootstrap_se`: how much the score would
+  move on another draw of evaluation images of the same kind); images/s, of each branch alone and of all three
+  together, are this run's figures: in the summary;
 - `<plots>/<variant>/per-class/<dataset>.csv` (class, seen, IoU per branch) and
   `<plots>/<variant>/confusion/<dataset>.csv` (the ensemble's `confusion_plot_rows`), one directory per
   kind so that dvc.yaml gives each kind its template once;
@@ -99,7 +102,10 @@ def evaluate_unit(spec_json: str, unit: tuple[str, int, int]) -> BranchResult:
 
 
 def metrics_entry(result: BranchResult, dataset: PreparedDataset) -> dict[str, Any]:
-    return {b: m.to_dict() for b, m in result.metrics(dataset.classes, dataset.seen).items()}
+    """Per branch the scores, their bootstrap standard errors over the images (`<score>_se`) and the image count."""
+    errors = result.standard_errors(dataset.seen)
+    return {b: {**m.to_dict(), **{f"{k}_se": v for k, v in errors[b].items()}, "images": result.images}
+            for b, m in result.metrics(dataset.classes, dataset.seen).items()}
 
 
 def images_per_s(result: BranchResult) -> dict[str, float]:

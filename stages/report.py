@@ -9,6 +9,7 @@ plays which row of which paper table, and which sets are shown, comes from param
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -150,8 +151,23 @@ class Report:
                 f"\n\nZero-shot scores (%) on our evaluation sets; hIoU = harmonic mean of seen and unseen mIoU. "
                 f"Paper column: {PAPER_MODEL}, ADE-150 (paper Table 6 / Table 3). "
                 f"MaskFormer only comes from the `{mf_variant}` evaluation (the text tower is frozen in every "
-                f"adaptation, so it is the same for all variants).\n")
+                f"adaptation, so it is the same for all variants).\n" + self._sampling_noise(main_v))
         return text, records
+
+    def _sampling_noise(self, variant: str) -> str:
+        """The bootstrap standard error of the variant's ensemble mIoU on each set, and the set size that would
+        bring it under 0.5 (it shrinks as 1/sqrt(images))."""
+        parts = []
+        for d in self.datasets:
+            se, n = (self.evals.score(variant, d, "ensemble", k) for k in ("mIoU_se", "images"))
+            if isinstance(se, (int, float)) and isinstance(n, int) and se > 0:
+                need = math.ceil(n * (se / 0.5) ** 2)
+                parts.append(f"{d}: ±{se:.1f} over {n} images (under 0.5 would take ~{need:,} images)")
+        if not parts:
+            return ""
+        return ("\nSampling noise: the standard error of OVSeg's mIoU over the evaluation images (1,000 bootstrap "
+                f"resamples) is {'; '.join(parts)}. Differences between variants smaller than about twice that are "
+                "not evidence on their own; `reports/seeds.md` gives the run-to-run noise over seeds.\n")
 
     def table2(self, rows_cfg: dict[str, dict[str, str]]) -> str:
         mined = self._mine_metrics()

@@ -204,10 +204,12 @@ def test_evaluate_stage_writes_metrics_plots_and_predictions(stage_repo, segment
     assert summary["toy_images_per_s"] == summary["images_per_s"]["toy"]["all"] > 0  # the run's own figures
     # the stage's numbers are the library's on the same models and set (chunks of 3 + 1 merged)
     dataset = PreparedDataset.load("data/toy/prepared")
-    direct = evaluate_branches(segmenter, dataset, 0.6).metrics(dataset.classes, dataset.seen)
+    whole = evaluate_branches(segmenter, dataset, 0.6)
+    direct, errors = whole.metrics(dataset.classes, dataset.seen), whole.standard_errors(dataset.seen)
     for b in BRANCHES:
-        expected = direct[b].to_dict()
-        assert {k: metrics["toy"][b][k] for k in expected} == expected
+        expected = {**direct[b].to_dict(), **{f"{k}_se": v for k, v in errors[b].items()}, "images": len(dataset)}
+        assert {k: metrics["toy"][b][k] for k in expected} == expected  # chunks merged in image order
+    assert metrics["toy"]["ensemble"]["mIoU_se"] > 0
     per_class = list(csv.DictReader(open("plots/evaluate/mpt/per-class/toy.csv")))
     assert [r["class"] for r in per_class] == CLASSES and set(per_class[0]) == {"class", "seen", *BRANCHES}
     confusion = list(csv.DictReader(open("plots/evaluate/mpt/confusion/toy.csv")))

@@ -8,7 +8,8 @@ from PIL import Image
 from ovseg_core import progress
 from ovseg_core.datasets.prepared import PreparedDataset, PreparedWriter
 from ovseg_core.errors import DataError
-from ovseg_core.metrics import ConfusionMatrix, SegmentationMetrics, confusion_plot_rows, evaluate_dataset
+from ovseg_core.metrics import (ConfusionMatrix, SegmentationMetrics, bootstrap_se, confusion_plot_rows,
+                                 evaluate_dataset)
 
 IGNORE = 255
 
@@ -239,3 +240,36 @@ def test_evaluate_dataset_names_the_sample_on_bad_prediction(tmp_path):
         evaluate_dataset(ds, lambda image: np.zeros((3, 3), np.int64))
     with pytest.raises(ValueError, match="toy sample img0: prediction holds ids \\[5\\]"):
         evaluate_dataset(ds, lambda image: np.full(image.shape[:2], 5))
+
+
+def test_bootstrap_standard_errors_match_scoring_each_resample_from_scratch():
+    """Each resample's scores, computed by SegmentationMetrics from the summed confusion matrices of the drawn
+    images, give the same standard deviations as bootstrap_se's vectorised sums."""
+    rng = np.random.default_rng(5)
+    k, n, draws, seen = 4, 12, 50, [True, True, False, False]
+    cm, single = ConfusionMatrix(k, 255, keep_images=True), []
+    for _ in range(n):
+        gt = rng.integers(0, k, (6, 7))
+        pred = np.where(rng.random((6, 7)) < 0.6, gt, rng.integers(0, k, (6, 7)))
+        cm.update(pred, gt)
+        one = ConfusionMatrix(k, 255)
+        one.update(pred, gt)
+        single.append(one.matrix)
+    errors = bootstrap_se(np.stack(cm.per_image), seen, draws=draws, seed=9)
+
+    weights = np.random.default_rng(9).multinomial(n, np.full(n, 1.0 / n), size=draws)
+    resampled = [SegmentationMetrics.from_confusion(np.tensordot(w, np.stack(single), axes=1), list("abcd"), seen)
+                 for w in weights]
+    for key, attr in (("mIoU", "miou"), ("seen_mIoU", "seen_miou"), ("unseen_mIoU", "unseen_miou"), ("hIoU", "hiou")):
+        assert errors[key] == pytest.approx(np.std([getattr(m, attr) for m in resampled], ddof=1), abs=1e-4), key
+    assert errors["mIoU"] > 0
+
+
+def test_bootstrap_standard_error_is_zero_for_identical_images_and_undefined_for_one():
+    gt = np.array([[0, 1], [2, 2]])
+    cm = ConfusionMatrix(3, 255, keep_images=True)
+    for _ in range(5):
+        cm.update(np.array([[0, 1], [1, 2]]), gt)
+    assert bootstrap_se(np.stack(cm.per_image), [True, True, False])["mIoU"] == 0.0
+    assert bootstrap_se(np.stack(cm.per_image[:1]), [True, True, False]) == dict.fromkeys(
+        ("mIoU", "seen_mIoU", "unseen_mIoU", "hIoU"))

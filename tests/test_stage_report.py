@@ -175,3 +175,19 @@ def test_unknown_paper_case_is_a_clear_error(repo):
     settings = {**SETTINGS, "tables": {"table3": {"baseline": "original", "(z)": "mpt"}}}
     with pytest.raises(KeyError, match=r"report.tables.table3: '\(z\)' is not a case"):
         run(Recorder({"report": settings}))
+
+
+def test_the_headline_gives_the_sampling_noise_of_ovsegs_miou(repo):
+    ft_mpt = evaluation(21.25, clip=17.0)
+    ft_mpt["world-eval"]["ensemble"].update(mIoU_se=1.5, images=150)
+    write_json("metrics/evaluate/ft-mpt.json", ft_mpt)
+    run(Recorder({"report": SETTINGS}))
+    text = Path("reports/report.md").read_text()
+    headline = text[text.index("## Headline"):text.index("## ", text.index("## Headline") + 3)]
+    # 150 images x (1.5 / 0.5)^2 = 1,350 images for a standard error of 0.5
+    assert "world-eval: ±1.5 over 150 images (under 0.5 would take ~1,350 images)" in headline
+
+
+def test_no_sampling_noise_line_without_standard_errors(repo):
+    run(Recorder({"report": SETTINGS}))
+    assert "Sampling noise" not in Path("reports/report.md").read_text()
