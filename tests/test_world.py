@@ -281,3 +281,18 @@ def test_config_roundtrip():
     cfg = WorldConfig.from_dict(SMALL)
     again = WorldConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and cfg.eval_size("world-shift") == 80 and cfg.eval_size("world-eval") == 64
+
+
+def test_the_tagger_corpus_keeps_its_size_when_the_coco_split_grows(world, cfg, tmp_path):
+    """The POS-tagged captions (the nouns tagger's training set) hold every caption up to a fixed count, web ones
+    first: a larger COCO split adds none once the count is reached."""
+    root, _ = world
+    full = (root / "pos_tagged_captions.txt").read_text().splitlines()
+    web = cfg.web_images * cfg.web_captions_per_image
+    assert len(full) == web + cfg.coco_images * cfg.captions_per_image  # under the cap: all of them
+    cap = web + 3
+    small, large = tmp_path / "small", tmp_path / "large"
+    generate_world(small, cfg, tagged_sentences=cap)
+    generate_world(large, WorldConfig.from_dict({**SMALL, "coco_images": 2 * cfg.coco_images}), tagged_sentences=cap)
+    tagged = [(d / "pos_tagged_captions.txt").read_text().splitlines() for d in (small, large)]
+    assert tagged[0] == tagged[1] == full[:cap]
