@@ -174,13 +174,15 @@ def test_a_transient_unit_failure_is_retried_by_prefect(tmp_path):
 def test_local_dask_workers_run_with_glibcs_own_trim_threshold():
     # Dask's default MALLOC_TRIM_THRESHOLD_=65536 halves mining throughput (freed tensors go back to the OS and
     # fault in again); the local cluster's workers must start without it
+    import copy
+
     import dask
     from distributed import Client, LocalCluster
 
     from flows.stage import task_runner
     from ovseg_core.compute import ComputeConfig
 
-    saved = dask.config.get("distributed")
+    saved = copy.deepcopy(dask.config.get("distributed"))  # get() returns the live mapping
     try:
         task_runner({"task_runner": "dask"}, ComputeConfig.from_dict({"processes": 1}))
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
