@@ -128,6 +128,13 @@ def new_record() -> dict[str, Any]:
     }
 
 
+def with_peaks(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with the largest peak memory (RSS and PSS) of all its steps."""
+    for kind in ("rss", "pss"):
+        record[f"peak_{kind}_gib_max"] = max(s[f"peak_{kind}_gib"] for s in record["steps"].values())
+    return record
+
+
 def mine_slices(run: "Run", params: dict[str, Any], clone: Path, units: int) -> dict[str, Path]:
     """The first `units` units mined by the stage on Prefect's thread runner and on a local Dask cluster of two
     worker processes, each into directories of its own; their summaries go into the record, their shard
@@ -156,9 +163,7 @@ def slices(args: argparse.Namespace) -> dict[str, Any]:
     mined = mine_slices(run, params, clone, args.units)
     threads, dask = (shard_digests(d, range(args.units)) for d in mined.values())
     record["slices_byte_identical"] = threads == dask
-    record["peak_rss_gib_max"] = max(s["peak_rss_gib"] for s in record["steps"].values())
-    record["peak_pss_gib_max"] = max(s["peak_pss_gib"] for s in record["steps"].values())
-    return record
+    return with_peaks(record)
 
 
 def full_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -241,9 +246,7 @@ def full_run(args: argparse.Namespace) -> dict[str, Any]:
         "note": "10 x (a tenth's seconds) / full seconds; 1 = linear. Full mining = killed + resumed runs "
                 "(two start-ups), the tenth one stage run",
     }
-    record["peak_rss_gib_max"] = max(s["peak_rss_gib"] for s in steps.values())
-    record["peak_pss_gib_max"] = max(s["peak_pss_gib"] for s in steps.values())
-    return record
+    return with_peaks(record)
 
 
 def linearity(args: argparse.Namespace) -> dict[str, Any]:
@@ -275,9 +278,7 @@ def linearity(args: argparse.Namespace) -> dict[str, Any]:
                 "per_image_ratio": round(per_image_ms[sizes[-2]] / per_image_ms[full], 3),
                 "raw_ratio": round(full / sizes[-2] * seconds[sizes[-2]] / seconds[full], 3),
             }
-    record["peak_rss_gib_max"] = max(s["peak_rss_gib"] for s in steps.values())
-    record["peak_pss_gib_max"] = max(s["peak_pss_gib"] for s in steps.values())
-    return record
+    return with_peaks(record)
 
 
 def loader_pass(args: argparse.Namespace) -> None:
