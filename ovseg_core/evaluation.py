@@ -1,7 +1,7 @@
 """Zero-shot evaluation of a (MaskFormer, adapted CLIP) pair: several branches from one set of computations.
 
-Per image, the two expensive steps run once: MaskFormer's proposals (mask logits, p_mf) and CLIP's
-scores of the masked crops at the crop threshold. Every branch is then a cheap combination of them:
+Per image, the two expensive steps run once: MaskFormer's proposals (mask logits, p_mf; `batch_images`
+equal-sized images share one forward pass) and CLIP's scores of the masked crops at the crop threshold. Every branch is then a cheap combination of them:
 
 - `maskformer`: MaskFormer alone, p_mf over all proposals (what `inference.segment` does without CLIP);
 - `clip`: CLIP alone, λ = 1 (p_mf^0 · p_clip^1 = p_clip on the masks that have a crop);
@@ -27,10 +27,11 @@ from .clip.text import VILD_TEMPLATES, text_features
 from .compute import CPU_FP32, Placement
 from .datasets.prepared import PreparedDataset
 from .loading import data_loader
-from .inference import ClipBranch, ClipScores, Proposals, classify_proposals, combine_scores, proposals, semantic_map
+from .inference import (ClipBranch, ClipScores, Proposals, batch_proposals, classify_proposals, combine_scores,
+                        proposals, semantic_map)
 from .maskformer.model import OpenVocabMaskFormer
 from .metrics import ConfusionMatrix, SegmentationMetrics, bootstrap_se
-from .progress import track
+from .progress import Progress
 
 BRANCHES: tuple[str, ...] = ("maskformer", "clip", "ensemble")
 PROPOSAL_STEP, CLIP_STEP = "proposals", "crop_scores"  # keys of the shared steps in `BranchResult.seconds`
@@ -62,9 +63,13 @@ class BranchSegmenter:
                             std=bundle.std, threshold=threshold, logit_scale=adapted.logit_scale)
         return cls(model, branch, size, mode, placement)
 
-    def proposals(self, image: np.ndarray | Tensor) -> Proposals:
+    def proposals(self, images: Sequence[np.ndarray | Tensor]) -> list[Proposals]:
+        """The proposals of each image; in mode "resize" images of equal size share a forward pass (equal to
+        one image at a time up to float rounding)."""
         with self.placement.autocast():
-            return proposals(self.model, image, size=self.size, mode=self.mode)
+            if self.mode == "resize":
+                return batch_proposals(self.model, images, size=self.size)
+            return [proposals(self.model, image, size=self.size, mode=self.mode) for image in images]
 
     def clip_scores(self, image: np.ndarray | Tensor, props: Proposals, threshold: float | None = None) -> ClipScores:
         c = self.clip if threshold is None else replace(self.clip, threshold=threshold)
@@ -87,14 +92,13 @@ class LabelledImages(torch.utils.data.Dataset):
         return i, self.dataset.load_image(i), self.dataset.load_label(i)
 
 
-def _unchanged(item: tuple[int, np.ndarray, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
-    return item  # the loader's default would turn the numpy arrays into tensors
-
-
-def labelled_images(dataset: PreparedDataset, indices: Sequence[int], workers: int
-                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(index, image, ground truth) in index order, decoded ahead by `workers` DataLoader processes."""
-    yield from data_loader(LabelledImages(dataset, indices), workers, batch_size=None, collate_fn=_unchanged)
+def labelled_images(dataset: PreparedDataset, indices: Sequence[int], workers: int, batch_images: int
+                    ) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
+    """Lists of up to `batch_images` (index, image, ground truth), in index order, decoded ahead by `workers`
+    DataLoader processes (collated as lists: the loader's default would turn the arrays into tensors)."""
+    if batch_images < 1:
+        raise ValueError(f"batch_images must be >= 1, got {batch_images}")
+    yield from data_loader(LabelledImages(dataset, indices), workers, batch_size=batch_images, collate_fn=list)
 
 
 def label_map(props: Proposals, clip: ClipScores | None, lam: float, seen: Tensor | None = None) -> Tensor:
@@ -162,7 +166,7 @@ class BranchResult:
 
 def evaluate_branches(segmenter: BranchSegmenter, dataset: PreparedDataset, lam: float, *, seen_lambda: bool = False,
                       indices: Sequence[int] | None = None, keep_examples: int = 0, desc: str = "evaluate",
-                      loader_workers: int = 0) -> BranchResult:
+                      loader_workers: int = 0, batch_images: int = 8) -> BranchResult:
     """Score the maskformer, clip and ensemble branches on `indices` (default: every sample) of a prepared
     set whose classes are the segmenter's vocabulary. `seen_lambda` selects zsseg's ensemble; images with
     index < `keep_examples` are returned as `Example`s."""
@@ -183,18 +187,21 @@ def evaluate_branches(segmenter: BranchSegmenter, dataset: PreparedDataset, lam:
         seconds[key] += time.perf_counter() - start
         return out
 
-    for i, image, gt in track(labelled_images(dataset, indices, loader_workers), total=len(indices), desc=desc):
-        props = timed(PROPOSAL_STEP, segmenter.proposals, image)
-        clip = timed(CLIP_STEP, segmenter.clip_scores, image, props)
-        maps = {"maskformer": timed("maskformer", label_map, props, None, 0.0),
-                "clip": timed("clip", label_map, props, clip, 1.0),
-                "ensemble": timed("ensemble", label_map, props, clip, lam, seen)}
-        source = dataset.root / str(dataset.samples[i].label)
-        for branch, labels in maps.items():
-            confusion[branch].update(labels, gt, source=source)
-        if i < keep_examples:
-            examples.append(Example(i, dataset.samples[i].id, image, gt,
-                                    {b: m.cpu().numpy().astype(np.int64) for b, m in maps.items()}))
+    with Progress(len(indices), desc) as progress:
+        for batch in labelled_images(dataset, indices, loader_workers, batch_images):
+            batch_props = timed(PROPOSAL_STEP, segmenter.proposals, [image for _, image, _ in batch])
+            for (i, image, gt), props in zip(batch, batch_props):
+                clip = timed(CLIP_STEP, segmenter.clip_scores, image, props)
+                maps = {"maskformer": timed("maskformer", label_map, props, None, 0.0),
+                        "clip": timed("clip", label_map, props, clip, 1.0),
+                        "ensemble": timed("ensemble", label_map, props, clip, lam, seen)}
+                source = dataset.root / str(dataset.samples[i].label)
+                for branch, labels in maps.items():
+                    confusion[branch].update(labels, gt, source=source)
+                if i < keep_examples:
+                    examples.append(Example(i, dataset.samples[i].id, image, gt,
+                                            {b: m.cpu().numpy().astype(np.int64) for b, m in maps.items()}))
+            progress.update(len(batch))
     return BranchResult({b: c.matrix for b, c in confusion.items()}, seconds, len(indices), examples,
                         {b: np.array(c.per_image, np.int64).reshape(-1, 3, dataset.num_classes)
                          for b, c in confusion.items()})
@@ -230,7 +237,7 @@ class SweepResult:
 
 def sweep(segmenter: BranchSegmenter, dataset: PreparedDataset, lambdas: Sequence[float], thresholds: Sequence[float], *,
           seen_lambda: bool = False, indices: Sequence[int] | None = None, desc: str = "sweep",
-          loader_workers: int = 0) -> SweepResult:
+          loader_workers: int = 0, batch_images: int = 8) -> SweepResult:
     """The ensemble's confusion matrix for every λ × crop-threshold cell: proposals once per image, CLIP's
     crop scores once per image and threshold, only the ensemble and the semantic map per cell."""
     lambdas, thresholds = [float(x) for x in lambdas], [float(x) for x in thresholds]
@@ -239,12 +246,14 @@ def sweep(segmenter: BranchSegmenter, dataset: PreparedDataset, lambdas: Sequenc
     indices = range(len(dataset)) if indices is None else indices
     seen = torch.tensor(dataset.seen, device=segmenter.model.pixel_mean.device) if seen_lambda else None
     cells = [[ConfusionMatrix(dataset.num_classes, dataset.ignore_label) for _ in lambdas] for _ in thresholds]
-    for i, image, gt in track(labelled_images(dataset, indices, loader_workers), total=len(indices), desc=desc):
-        props = segmenter.proposals(image)
-        source = dataset.root / str(dataset.samples[i].label)
-        for row, t in zip(cells, thresholds):
-            clip = segmenter.clip_scores(image, props, t)
-            for cm, lam in zip(row, lambdas):
-                cm.update(label_map(props, clip, lam, seen), gt, source=source)
+    with Progress(len(indices), desc) as progress:
+        for batch in labelled_images(dataset, indices, loader_workers, batch_images):
+            for (i, image, gt), props in zip(batch, segmenter.proposals([image for _, image, _ in batch])):
+                source = dataset.root / str(dataset.samples[i].label)
+                for row, t in zip(cells, thresholds):
+                    clip = segmenter.clip_scores(image, props, t)
+                    for cm, lam in zip(row, lambdas):
+                        cm.update(label_map(props, clip, lam, seen), gt, source=source)
+            progress.update(len(batch))
     matrices = np.stack([np.stack([cm.matrix for cm in row]) for row in cells])
     return SweepResult(lambdas, thresholds, matrices, len(indices))

@@ -17,25 +17,32 @@ occurs) is None, which JSON writes as null.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import numpy as np
-import torch
 
 from .atomic import atomic_file
 from .datasets.prepared import PreparedDataset
 from .errors import DataError
 from .progress import track
 
-ArrayLike = np.ndarray | torch.Tensor
+if TYPE_CHECKING:
+    import torch
+
+# torch is not imported here: the stages that only score or read results (the report) would pay its import
+# time for nothing; a tensor can only reach these functions once the caller has imported torch.
+ArrayLike = Union[np.ndarray, "torch.Tensor"]
 
 
 def as_label_array(x: ArrayLike, what: str) -> np.ndarray:
     """A 2-D integer label map (numpy or torch) as an int64 numpy array; ValueError otherwise."""
-    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    torch_module = sys.modules.get("torch")
+    is_tensor = torch_module is not None and isinstance(x, torch_module.Tensor)
+    a = x.detach().cpu().numpy() if is_tensor else np.asarray(x)
     if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
         raise ValueError(f"{what} must hold integer class ids, got dtype {a.dtype}")
     if a.ndim != 2:

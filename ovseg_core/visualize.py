@@ -28,6 +28,9 @@ LINE = 16  # height of one line of text or legend entry
 SWATCH = 12  # side of a legend colour swatch
 FONT_SIZE = 12
 COLUMN_TITLES = ("input", "ground truth", "prediction")
+# The table of contents of an examples folder (image, ground truth and each branch's prediction per sample):
+# `evaluate` writes it, the report reads it.
+EXAMPLES_INDEX = "index.json"
 _LEVELS = 32  # candidate colours: 32 levels per channel, 32,768 in all
 _MIN_LIGHTNESS = 25.0  # CIELAB L* below which a candidate is too close to black
 MAX_CLASSES = 4096  # well above ADE-847 and Pascal Context-459; more would not stay distinguishable

@@ -244,7 +244,7 @@ def bench_evaluate(clip: ClipBundle, placement: Placement, repeat: int) -> dict[
 
     @torch.no_grad()
     def run() -> None:
-        props = segmenter.proposals(image)
+        props = segmenter.proposals([image])[0]
         scores = segmenter.clip_scores(image, props)
         crops[:] = [int(scores.keep.sum())]
         for lam in (0.0, 1.0, 0.7):

@@ -38,12 +38,11 @@ from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.evaluation import BRANCHES, BranchResult, BranchSegmenter, evaluate_branches
 from ovseg_core.maskformer.model import load_model
 from ovseg_core.metrics import confusion_plot_rows
-from ovseg_core.visualize import save_label_png
+from ovseg_core.visualize import EXAMPLES_INDEX, save_label_png
 from stages.common import StageContext, main, write_metrics
 
 # Per-set settings that a dataset entry may override (e.g. λ 0.7 for ADE, 0.6 for Pascal Context).
 DATASET_KEYS = ("lambda", "mask_threshold", "seen_lambda", "size", "mode")
-INDEX_FILE = "index.json"
 
 
 def dataset_settings(settings: dict[str, Any], name: str) -> dict[str, Any]:
@@ -98,7 +97,8 @@ def evaluate_unit(spec_json: str, unit: tuple[str, int, int]) -> BranchResult:
     ds = spec["datasets"][name]
     return evaluate_branches(segmenter, dataset, float(ds["lambda"]), seen_lambda=bool(ds["seen_lambda"]),
                              indices=range(start, stop), keep_examples=int(spec["examples"]),
-                             desc=f"{name} {start}-{stop - 1}", loader_workers=spec["compute"]["loader_workers"])
+                             desc=f"{name} {start}-{stop - 1}", loader_workers=spec["compute"]["loader_workers"],
+                             batch_images=int(spec["batch_images"]))
 
 
 def metrics_entry(result: BranchResult, dataset: PreparedDataset) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def write_examples(directory: Path, result: BranchResult, dataset: PreparedDatas
             save_label_png(directory / sub / f"{branch}.png", labels, dataset.ignore_label)
         samples.append({"index": ex.index, "id": ex.id, "image": f"{sub}/image.png", "label": f"{sub}/gt.png",
                         "predictions": {b: f"{sub}/{b}.png" for b in ex.predictions}})
-    write_json(directory / INDEX_FILE, {"dataset": dataset.name, "classes": dataset.classes, "seen": dataset.seen,
+    write_json(directory / EXAMPLES_INDEX, {"dataset": dataset.name, "classes": dataset.classes, "seen": dataset.seen,
                                         "ignore_label": dataset.ignore_label, "lambda": lam, "samples": samples})
 
 
@@ -151,6 +151,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "compute": dataclasses.asdict(ctx.compute),
         "datasets": datasets,
         "examples": int(settings.get("examples", 0)),
+        "batch_images": int(settings.get("batch_images", 8)),
         "torch_threads": ctx.unit_threads(),
     }
     spec_json = json.dumps(spec, sort_keys=True)

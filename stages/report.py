@@ -8,6 +8,7 @@ plays which row of which paper table, and which sets are shown, comes from param
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -17,12 +18,12 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+import ovseg_core
 from ovseg_core.atomic import write_text
 from ovseg_core.datasets.prepared import load_rgb
 from ovseg_core.errors import DataError
-from ovseg_core.visualize import grid_figure, save_image
+from ovseg_core.visualize import EXAMPLES_INDEX, grid_figure, save_image
 from stages.common import StageContext, depth_variant, main
-from stages.evaluate import INDEX_FILE
 
 NOT_RUN = "not run"
 PAPER_SETS = ("A-847", "A-150", "PC-59")
@@ -292,7 +293,7 @@ class Report:
         rows, titles, classes, ignore = [], [], None, 255
         indexes = {}
         for r in q["rows"]:
-            path = Path(self.s["predictions"]) / r["variant"] / q["dataset"] / INDEX_FILE
+            path = Path(self.s["predictions"]) / r["variant"] / q["dataset"] / EXAMPLES_INDEX
             if path.is_file():
                 indexes[r["variant"]] = (path.parent, read_json(path))
             else:
@@ -335,18 +336,21 @@ class Report:
         return {p.stem: read_json(p) for p in sorted(directory.glob("*.json"))} if directory.is_dir() else {}
 
     def _vision_layers(self) -> int | None:
-        import open_clip
-
-        import ovseg_core.clip.models  # noqa: F401  (registers the embedded world's architectures)
-
-        cfg = open_clip.get_model_config(self.s["clip_arch"])
-        return None if cfg is None else int(cfg["vision_cfg"]["layers"])
+        """The ViT's depth from the architecture's open_clip JSON config: the embedded world's own
+        (ovseg_core/model_configs) or open_clip's, read as files because importing open_clip (and torch)
+        for one number took ~8 s of the report's start-up on a 2-core machine."""
+        spec = importlib.util.find_spec("open_clip")  # finds the package without running it
+        dirs = [Path(ovseg_core.__file__).parent / "model_configs"]
+        dirs += [Path(d) / "model_configs" for d in (spec.submodule_search_locations or [])] if spec else []
+        name = f"{self.s['clip_arch']}.json"
+        path = next((d / name for d in dirs if (d / name).is_file()), None)
+        return None if path is None else int(read_json(path)["vision_cfg"]["layers"])
 
     def _lambdas(self) -> str:
         values = []
         for d in self.datasets:
-            path = next((Path(self.s["predictions"]) / v / d / INDEX_FILE for v in self.evals.by_variant
-                         if (Path(self.s["predictions"]) / v / d / INDEX_FILE).is_file()), None)
+            path = next((Path(self.s["predictions"]) / v / d / EXAMPLES_INDEX for v in self.evals.by_variant
+                         if (Path(self.s["predictions"]) / v / d / EXAMPLES_INDEX).is_file()), None)
             if path is not None:
                 values.append(f"λ = {read_json(path)['lambda']:g} on {d}")
         return f" ({', '.join(values)})" if values else ""

@@ -37,7 +37,7 @@ def sweep_unit(spec_json: str, unit: tuple[int, int]) -> SweepResult:
     start, stop = unit
     return sweep(segmenter, dataset, spec["lambdas"], spec["thresholds"], seen_lambda=spec["seen_lambda"],
                  indices=range(start, stop), desc=f"sweep {start}-{stop - 1}",
-                 loader_workers=spec["compute"]["loader_workers"])
+                 loader_workers=spec["compute"]["loader_workers"], batch_images=int(spec["batch_images"]))
 
 
 def best_cell(rows: list[dict[str, Any]], select: str) -> dict[str, Any]:
@@ -88,6 +88,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "lambdas": [float(v) for v in s["lambdas"]],
         "thresholds": [float(v) for v in s["thresholds"]],
         "seen_lambda": bool(s.get("seen_lambda", False)),
+        "batch_images": int(s.get("batch_images", 8)),
         "torch_threads": ctx.unit_threads(),
     }
     select = s.get("select", "mIoU")

@@ -95,6 +95,14 @@ def test_stage_lists_the_code_it_runs(stage: str, deps: list[str]):
     assert not missing, f"dvc.yaml stage {stage!r} runs code it does not list as deps: {missing}"
 
 
+@pytest.mark.parametrize("stage, deps", sorted(stage_deps().items()))
+def test_stage_lists_no_code_it_does_not_run(stage: str, deps: list[str]):
+    """The other half of "and nothing else": a module a stage does not load must not rerun it when edited."""
+    closure = code_closure(stage_modules()[stage])
+    extra = sorted(d for d in deps if d.endswith(".py") and d not in closure)
+    assert not extra, f"dvc.yaml stage {stage!r} lists code it does not run as deps: {extra}"
+
+
 def stage_metrics_and_outs() -> dict[str, tuple[list[str], list[str]]]:
     with Repo(str(REPO)) as repo:
         return {stage.name: ([Path(m.def_path).as_posix() for m in stage.metrics],

@@ -16,6 +16,7 @@ from ovseg_core.clip.mpt import MaskPrompts
 from ovseg_core.clip.text import text_features
 from ovseg_core.datasets.prepared import PreparedDataset, PreparedWriter
 from ovseg_core.evaluation import BRANCHES, BranchResult, BranchSegmenter, SweepResult, evaluate_branches, sweep
+from ovseg_core import inference
 from ovseg_core.inference import segment
 from ovseg_core.maskformer import build_model, preset_config
 from ovseg_core.metrics import ConfusionMatrix
@@ -120,6 +121,26 @@ def test_chunks_merge_to_the_whole(segmenter, dataset):
     assert [e.index for e in merged.examples] == [0, 1, 2]
     metrics = merged.metrics(dataset.classes, dataset.seen)
     assert metrics["ensemble"].miou == whole.metrics(dataset.classes, dataset.seen)["ensemble"].miou
+
+
+def test_equal_sized_images_share_a_forward_pass_with_each_images_own_results(segmenter, dataset, monkeypatch):
+    """batch_images 4 over sizes 64x64, 48x80, 64x64, 72x56: three MaskFormer passes (images 0 and 2 together)
+    instead of four; every image's maps equal one image at a time up to float rounding, in index order."""
+    passes = []
+    real_run = inference._run
+    monkeypatch.setattr(inference, "_run", lambda model, images: passes.append(len(images)) or real_run(model, images))
+    one = evaluate_branches(segmenter, dataset, 0.7, keep_examples=4, batch_images=1)
+    assert passes == [1, 1, 1, 1]
+    passes.clear()
+    batched = evaluate_branches(segmenter, dataset, 0.7, keep_examples=4, batch_images=4)
+    assert sorted(passes) == [1, 1, 2]
+    assert [e.index for e in batched.examples] == [0, 1, 2, 3]
+    for a, b in zip(one.examples, batched.examples):
+        for branch in BRANCHES:
+            assert (a.predictions[branch] == b.predictions[branch]).mean() >= 0.999, (a.index, branch)
+    passes.clear()
+    grid = sweep(segmenter, dataset, [0.0, 0.7], [0.5], batch_images=4)
+    assert sorted(passes) == [1, 1, 2] and grid.images == 4
 
 
 def test_sweep_cells_equal_direct_evaluations(segmenter, dataset):

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +194,22 @@ def test_the_headline_gives_the_sampling_noise_of_ovsegs_miou(repo):
 def test_no_sampling_noise_line_without_standard_errors(repo):
     run(Recorder({"report": SETTINGS}))
     assert "Sampling noise" not in Path("reports/report.md").read_text()
+
+
+def test_the_report_stage_runs_without_torch_and_reads_vit_depths_from_open_clips_configs(tmp_path):
+    """The report only reads results: its start-up must not import torch or open_clip (~8 s on a 2-core machine).
+    The ViT depth of Table 5 comes from the architecture's config file, ours or open_clip's own (ViT-L/14: 24)."""
+    script = (
+        "import sys, stages.report as r\n"
+        "class Settings: pass\n"
+        "depth = {}\n"
+        "for arch in ('ovseg-tiny-vit', 'ViT-L-14', 'no-such-arch'):\n"
+        "    s = Settings(); s.s = {'clip_arch': arch}\n"
+        "    depth[arch] = r.Report._vision_layers(s)\n"
+        "print(depth, sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(repo)},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    config = json.loads((repo / "ovseg_core/model_configs/ovseg-tiny-vit.json").read_text())
+    assert out == f"{{'ovseg-tiny-vit': {config['vision_cfg']['layers']}, 'ViT-L-14': 24, 'no-such-arch': None}} []"
