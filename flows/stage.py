@@ -5,7 +5,9 @@ runs (retried on failure) on the task runner chosen in params.yaml (`prefect:` s
 one machine, Dask for a cluster); `ovseg_core` progress becomes progress artifacts; the stage's
 summary becomes a table artifact. No Prefect result caching: DVC decides what reruns.
 The flow run's parameters are the stage's effective settings (the UI's Parameters tab); when it starts,
-earlier runs of the stage whose process is gone are set to Crashed (`flows.orphans`).
+earlier runs of the stage whose process is gone are set to Crashed (`flows.orphans`). Without a project
+server, the stage's temporary Prefect server is watched by a process that stops it if the stage is killed
+(`flows.watchdog`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import re
+import subprocess
 import sys
 from typing import Any, Callable, Iterable, TypeVar
 from uuid import UUID
@@ -28,6 +32,7 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
+from flows.env import REPO
 from flows.orphans import crash_orphaned_runs, process_tags
 from flows.pipeline_view import pipeline_run, run_nested
 from ovseg_core import progress
@@ -83,6 +88,22 @@ def local_dask_api(cfg: dict[str, Any]) -> contextlib.AbstractContextManager:
     server = SubprocessASGIServer()
     server.start()  # already running for this flow run: returns at once
     return temporary_settings(updates={PREFECT_API_URL: server.api_url})
+
+
+def guard_ephemeral_server() -> None:
+    """In ephemeral mode (no PREFECT_API_URL), start Prefect's temporary server now (the one its client would
+    start on first use) and beside it a watchdog process that stops it should this process die without doing
+    so, e.g. killed with kill -9 (`flows.watchdog`)."""
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()  # returns at once if already running
+    assert server.server_process is not None
+    subprocess.Popen([sys.executable, "-m", "flows.watchdog", str(os.getpid()), str(server.server_process.pid)],
+                     cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)  # a Ctrl-C of the terminal's process group must not end it first
 
 
 class PrefectStageContext(StageContext):
@@ -200,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     params = load_params(args.params)
+    guard_ephemeral_server()
     run_tags = ["ovseg", f"stage-{args.name}", *process_tags()]
     if pipeline_run():
         run_tags.append(f"pipeline-{str(pipeline_run())[:8]}")

@@ -7,10 +7,12 @@ the killed one's tracking task run in the driver's run is Crashed too.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -192,3 +194,38 @@ def test_local_dask_workers_run_with_glibcs_own_trim_threshold():
         dask.config.set({"distributed": saved})
     assert "MALLOC_TRIM_THRESHOLD_" not in env
     assert env.get("OMP_NUM_THREADS") == "1"  # Dask's other settings kept
+
+
+def test_the_ephemeral_server_of_a_killed_stage_is_stopped_by_its_watchdog(tmp_path):
+    """Without a project server a stage starts Prefect's temporary server as its child. kill -9 of the stage
+    orphans that server; the watchdog `flows.stage` starts beside it stops it within seconds (it may stay a
+    zombie: this machine's init does not reap)."""
+    import psutil
+
+    from flows.watchdog import alive
+
+    env = dict(os.environ, OVSEG_STATE_DIR=str(tmp_path / "state"), PREFECT_HOME=str(tmp_path / "state" / "prefect"),
+               PYTHONPATH=str(ROOT))
+    env.pop("PREFECT_API_URL", None)
+    script = ("import time, flows.stage as stage\n"
+              "from prefect.server.api.server import SubprocessASGIServer\n"
+              "stage.guard_ephemeral_server()\n"
+              "print(SubprocessASGIServer().server_process.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        server = psutil.Process(int(proc.stdout.readline()))
+        assert server.is_running() and "prefect.server.api.server:create_app" in server.cmdline()
+        assert server.ppid() == proc.pid
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while alive(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(server), "the killed stage's ephemeral Prefect server still runs"
+    finally:
+        proc.kill()
+        for leftover in psutil.process_iter(["cmdline", "environ"]):
+            with contextlib.suppress(psutil.Error):
+                if (leftover.info["environ"] or {}).get("PREFECT_HOME") == env["PREFECT_HOME"]:
+                    leftover.kill()
