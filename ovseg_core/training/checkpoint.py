@@ -1,8 +1,10 @@
-"""Resumable training state: model, optimizer, scheduler, step and every RNG, saved atomically.
+"""Resumable training state: model, optimizer, scheduler, step and the numpy and torch RNGs, saved atomically.
 
 A run that is killed and restarted with the same seed reaches the same weights as an uninterrupted
 one, provided the data order is a function of (seed, step) — see `batch_order` — and not of how
-many batches a process has already drawn.
+many batches a process has already drawn. Python's `random` is seeded but not saved: training never draws
+from it, while libraries in the same process do (Prefect's clients), so its state would make the checkpoint's
+bytes depend on how the stage was orchestrated (with a Prefect server or an ephemeral one).
 """
 from __future__ import annotations
 
@@ -19,15 +21,10 @@ CHECKPOINT_NAME = "last.pt"
 
 
 def rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
+    return {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
 
