@@ -27,6 +27,7 @@ from ovseg_core.maskformer.data import SemanticDataset
 from ovseg_core.maskformer.model import OpenVocabMaskFormer, build_model, load_model, preset_config, save_model
 from ovseg_core.maskformer.train import TrainConfig, train
 from ovseg_core.metrics import evaluate_dataset
+from ovseg_core.training.checkpoint import seed_everything
 from stages.common import StageContext, main, training_figures, write_metrics
 
 MODEL_FILE = "model.pt"
@@ -56,7 +57,9 @@ def train_process(p: dict[str, Any], compute: ComputeConfig) -> tuple[dict[str, 
     text = text_features(clip, dataset.classes)
     net = preset_config(p["preset"], **(p.get("net") or {}))
     cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in p["train"].items()})
-    torch.manual_seed(cfg.seed)  # the random initialisation: the same params give the same model
+    # the random initialisation: the same params give the same model; numpy's global generator too, which
+    # training never draws from but whose state the checkpoint keeps (unseeded, it differed in every process)
+    seed_everything(cfg.seed)
     model = build_model(net, text, backbone_weights=p.get("backbone_weights"))
     t0 = time.perf_counter()
     result = train(model, SemanticDataset(dataset), cfg, p["checkpoints"], log_path=p["plots"], compute=compute)

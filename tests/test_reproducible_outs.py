@@ -1,7 +1,7 @@
 """Identical inputs give identical bytes, so DVC sees no change where there is none: `pretrain_clip` and
 `train_maskformer`, run as DVC runs them (a new process per run) in two fresh working directories, and
 rerun after DVC removed their outs (the persistent checkpoint is then complete, so the rerun resumes it),
-write models, metrics and plots with the same md5 each time. Only the run record differs: it says what
+write models, metrics and plots with the same md5 each time, and the two directories' checkpoints too. Only the run record differs: it says what
 the run resumed and gives no throughput for steps the run did not do."""
 from __future__ import annotations
 
@@ -73,6 +73,8 @@ def test_reruns_in_new_processes_write_the_same_bytes(name, tiny_world, tiny_mod
 
     second = run_in_new_process(name, params, tmp_path / "b")  # a second clone
     assert md5s(tmp_path / "b", outs) == reference
+    checkpoints = [params[name]["checkpoints"]]  # a DVC out too: the same training state, the same bytes
+    assert md5s(tmp_path / "b", checkpoints) == md5s(tmp_path / "a", checkpoints) != {}
     assert second["resumed_from_step"] == 0
 
     for out in [*outs, RUNS]:  # what DVC removes before a rerun; the persistent checkpoints stay
