@@ -1,7 +1,8 @@
 """Zero-shot evaluation of a (MaskFormer, adapted CLIP) pair: several branches from one set of computations.
 
 Per image, the two expensive steps run once: MaskFormer's proposals (mask logits, p_mf; `batch_images`
-equal-sized images share one forward pass) and CLIP's scores of the masked crops at the crop threshold. Every branch is then a cheap combination of them:
+equal-sized images share one forward pass) and CLIP's scores of the masked crops at the crop threshold.
+Every branch is then a cheap combination of them:
 
 - `maskformer`: MaskFormer alone, p_mf over all proposals (what `inference.segment` does without CLIP);
 - `clip`: CLIP alone, λ = 1 (p_mf^0 · p_clip^1 = p_clip on the masks that have a crop);

@@ -136,8 +136,9 @@ def write_examples(directory: Path, result: BranchResult, dataset: PreparedDatas
             save_label_png(directory / sub / f"{branch}.png", labels, dataset.ignore_label)
         samples.append({"index": ex.index, "id": ex.id, "image": f"{sub}/image.png", "label": f"{sub}/gt.png",
                         "predictions": {b: f"{sub}/{b}.png" for b in ex.predictions}})
-    write_json(directory / EXAMPLES_INDEX, {"dataset": dataset.name, "classes": dataset.classes, "seen": dataset.seen,
-                                        "ignore_label": dataset.ignore_label, "lambda": lam, "samples": samples})
+    write_json(directory / EXAMPLES_INDEX, {"dataset": dataset.name, "classes": dataset.classes,
+                                            "seen": dataset.seen, "ignore_label": dataset.ignore_label,
+                                            "lambda": lam, "samples": samples})
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
