@@ -21,7 +21,7 @@ import os
 import re
 import subprocess
 import sys
-from typing import Any, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 from uuid import UUID
 
 import flows  # noqa: F401  (configures Prefect's environment first)
@@ -38,6 +38,9 @@ from flows.pipeline_view import pipeline_run, run_nested
 from ovseg_core import progress
 from ovseg_core.compute import ComputeConfig
 from stages.common import PARAMS_FILE, StageContext, load_params, run_stage
+
+if TYPE_CHECKING:
+    from prefect.server.api.server import SubprocessASGIServer
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -74,6 +77,18 @@ def task_runner(cfg: dict[str, Any], compute: ComputeConfig):
     return ThreadPoolTaskRunner(max_workers=int(cfg.get("max_workers", 2)))
 
 
+def ephemeral_server() -> "SubprocessASGIServer | None":
+    """Prefect's temporary server of ephemeral mode (no PREFECT_API_URL), started if it is not yet: the singleton
+    its client would start on first use. None when an API URL is set."""
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()  # returns at once if already running
+    return server
+
+
 def local_dask_api(cfg: dict[str, Any]) -> contextlib.AbstractContextManager:
     """Settings under which a local Dask cluster's workers report to this process's Prefect API.
 
@@ -81,25 +96,18 @@ def local_dask_api(cfg: dict[str, Any]) -> contextlib.AbstractContextManager:
     carries no API URL, so every worker process would start a temporary server of its own on the same
     database (tens of seconds each on a busy machine); this points them at the flow run's server.
     """
-    if cfg.get("task_runner") != "dask" or cfg.get("dask_address") or PREFECT_API_URL.value():
+    server = None if cfg.get("task_runner") != "dask" or cfg.get("dask_address") else ephemeral_server()
+    if server is None:
         return contextlib.nullcontext()
-    from prefect.server.api.server import SubprocessASGIServer  # the temporary server of ephemeral mode
-
-    server = SubprocessASGIServer()
-    server.start()  # already running for this flow run: returns at once
     return temporary_settings(updates={PREFECT_API_URL: server.api_url})
 
 
 def guard_ephemeral_server() -> None:
-    """In ephemeral mode (no PREFECT_API_URL), start Prefect's temporary server now (the one its client would
-    start on first use) and beside it a watchdog process that stops it should this process die without doing
-    so, e.g. killed with kill -9 (`flows.watchdog`)."""
-    if PREFECT_API_URL.value():
+    """In ephemeral mode, start Prefect's temporary server now and beside it a watchdog process that stops it
+    should this process die without doing so, e.g. killed with kill -9 (`flows.watchdog`)."""
+    server = ephemeral_server()
+    if server is None:
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()  # returns at once if already running
     assert server.server_process is not None
     subprocess.Popen([sys.executable, "-m", "flows.watchdog", str(os.getpid()), str(server.server_process.pid)],
                      cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

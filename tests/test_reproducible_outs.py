@@ -1,8 +1,8 @@
 """Identical inputs give identical bytes, so DVC sees no change where there is none: `pretrain_clip` and
 `train_maskformer`, run as DVC runs them (a new process per run) in two fresh working directories, and
 rerun after DVC removed their outs (the persistent checkpoint is then complete, so the rerun resumes it),
-write models, metrics and plots with the same md5 each time, and the two directories' checkpoints too. Only the run record differs: it says what
-the run resumed and gives no throughput for steps the run did not do."""
+write models, metrics and plots with the same md5 each time, and the two directories' checkpoints too. Only
+the run record differs: it says what the run resumed and gives no throughput for steps the run did not do."""
 from __future__ import annotations
 
 import hashlib
