@@ -349,8 +349,8 @@ class Report:
     def _lambdas(self) -> str:
         values = []
         for d in self.datasets:
-            path = next((Path(self.s["predictions"]) / v / d / EXAMPLES_INDEX for v in self.evals.by_variant
-                         if (Path(self.s["predictions"]) / v / d / EXAMPLES_INDEX).is_file()), None)
+            candidates = (Path(self.s["predictions"]) / v / d / EXAMPLES_INDEX for v in self.evals.by_variant)
+            path = next((c for c in candidates if c.is_file()), None)
             if path is not None:
                 values.append(f"λ = {read_json(path)['lambda']:g} on {d}")
         return f" ({', '.join(values)})" if values else ""
