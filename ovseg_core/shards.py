@@ -31,10 +31,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch.utils.data
-import webdataset as wds
 import yaml
 from PIL import Image
 
+from .archive import reproducible_tar_writer
 from .atomic import atomic_file, write_json, write_text
 from .errors import DataError
 
@@ -43,9 +43,6 @@ SIZES_FILE = "sizes.json"
 INDEX_FILE = "index.parquet"
 CARD_FILE = "README.md"
 FORMAT_VERSION = 1
-SHARD_MTIME = 0  # fixed member times, owner and mode make equal pairs give equal shard bytes
-SHARD_OWNER = "ovseg"
-SHARD_MODE = 0o444
 IMAGE_FORMATS = ("jpg", "png")
 MEMBERS = ("image", "mask", "txt", "json")  # member roles; "image" is stored as .jpg or .png
 _KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -161,8 +158,7 @@ class PairShardWriter:
         self._atomic = atomic_file(self.tar_path)
         tmp = self._atomic.__enter__()
         self._file = open(tmp, "wb")
-        self._tar = wds.TarWriter(self._file, user=SHARD_OWNER, group=SHARD_OWNER, mode=SHARD_MODE,
-                                  mtime=SHARD_MTIME, encoder=False)
+        self._tar = reproducible_tar_writer(self._file)
         return self
 
     @property

@@ -122,7 +122,7 @@ def tiny_world(tmp_path_factory) -> TinyWorld:
     prepared = base / "prepared"
     coco = prepare_dataset("coco-stuff-171-json", root / "coco", prepared / "world-coco", "train2017",
                            options={"captions": True}, dataset_name="world-coco")
-    prepare_dataset("coco-captions", root / "web", prepared / "world-web", "train2017", dataset_name="world-web")
+    prepare_dataset("webdataset-captions", root / "web", prepared / "world-web", "", dataset_name="world-web")
     prepare_dataset("ade20k-150", root / "eval" / "world-eval", prepared / "world-eval", "validation",
                     train_vocabulary=coco.classes, dataset_name="world-eval")
     return TinyWorld(root=root, coco=prepared / "world-coco", web=prepared / "world-web",

@@ -3,6 +3,7 @@ in the official formats: the challenge's objectInfo150.txt, the sceneparsing rep
 (also with semantic-segmentation-pytorch's extra Stuff column), detectron2's TIFFs and the raw *_seg.png."""
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ovseg_core.archive import read_bytes
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.datasets.registry import prepare_dataset
 from ovseg_core.datasets.class_names import ADE20K_150, ADE20K_847, COCO_STUFF_182, COCO_STUFF_UNUSED
@@ -28,7 +30,7 @@ def write_label(path: Path, values: np.ndarray, dtype=np.uint8) -> None:
 
 
 def saved_label(ds: PreparedDataset, i: int) -> np.ndarray:
-    return np.asarray(Image.open(ds.root / ds.samples[i].label))
+    return np.asarray(Image.open(io.BytesIO(read_bytes(ds.root / ds.samples[i].label))))
 
 
 # ---------------------------------------------------------------- ADE20K-150 layout and ADE's class files

@@ -1,6 +1,7 @@
 """COCO-Stuff (PNG and JSON) and COCO Captions readers on tiny fixtures written in the official formats."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ovseg_core.archive import read_bytes
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.datasets.registry import prepare_dataset
 from ovseg_core.datasets.class_names import COCO_STUFF_182, COCO_STUFF_UNUSED
@@ -28,7 +30,7 @@ def write_png(path: Path, values: np.ndarray) -> None:
 
 def saved_label(ds: PreparedDataset, i: int) -> np.ndarray:
     """The label map as stored on disk (dtype included)."""
-    return np.asarray(Image.open(ds.root / ds.samples[i].label))
+    return np.asarray(Image.open(io.BytesIO(read_bytes(ds.root / ds.samples[i].label))))
 
 
 def rle(mask: np.ndarray) -> dict:

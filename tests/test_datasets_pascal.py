@@ -3,6 +3,7 @@ labels.txt and 59_labels.txt as distributed, detectron2's files in OVSeg's and C
 palette PNGs."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from ovseg_core.archive import read_bytes
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.datasets.registry import prepare_dataset
 from ovseg_core.datasets.class_names import PASCAL_CONTEXT_59, PASCAL_CONTEXT_459
@@ -25,7 +27,7 @@ def write_jpeg(path: Path, height: int, width: int) -> None:
 
 
 def saved_label(ds: PreparedDataset, i: int) -> np.ndarray:
-    return np.asarray(Image.open(ds.root / ds.samples[i].label))
+    return np.asarray(Image.open(io.BytesIO(read_bytes(ds.root / ds.samples[i].label))))
 
 
 def pc_id(name: str) -> int:

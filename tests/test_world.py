@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import io
 import json
 from pathlib import Path
 
 import nltk
 import numpy as np
 import pytest
+import webdataset as wds
 from nltk.corpus.reader import TaggedCorpusReader
 from nltk.tokenize import TreebankWordTokenizer
 from PIL import Image
@@ -47,6 +49,12 @@ def world(tmp_path_factory, cfg) -> tuple[Path, dict]:
     return out, generate_world(out, cfg)
 
 
+def _web_captions(root: Path) -> dict[str, list[str]]:
+    """{key: captions} of the web shards, in shard order."""
+    return {s["__key__"]: s["txt"].decode().splitlines()
+            for s in wds.WebDataset(sorted(str(p) for p in (root / "web").glob("*.tar")), shardshuffle=False)}
+
+
 def _files(root: Path, pattern: str) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob(pattern))}
 
@@ -57,20 +65,25 @@ def test_same_seed_same_bytes_other_seed_differs(world, cfg, tmp_path):
     (again / "stale").mkdir(parents=True)  # the output directory is replaced whole
     generate_world(again, cfg)
     assert not (again / "stale").exists()
-    for pattern in ("*.json", "*.png", "*.jpg", "*.csv", "*.txt"):
+    for pattern in ("*.json", "*.png", "*.jpg", "*.csv", "*.txt", "*.tar"):
         a, b = _files(root, pattern), _files(again, pattern)
         assert a and a == b, pattern
     other = tmp_path / "other"
     generate_world(other, WorldConfig.from_dict({**SMALL, "seed": 8}))
     assert _files(root, "*.png") != _files(other, "*.png")
-    assert (root / "web/annotations/captions_train2017.json").read_bytes() != (other / "web/annotations/captions_train2017.json").read_bytes()
+    assert _files(root, "*.tar") != _files(other, "*.tar")
 
 
 def test_counts_and_layout(world, cfg):
     root, result = world
     assert result["web_images"] == 24 and result["coco_images"] == 40 and result["scenes"] == 24 + 40 + 60 + 12
-    assert len(list((root / "web/train2017").glob("*.jpg"))) == 24
-    assert (root / "web/train2017/000000000001.jpg").exists()
+    # the web split as img2dataset writes it: one shard here (1,000 images per shard), read by webdataset
+    assert sorted(p.name for p in (root / "web").iterdir()) == ["00000.tar", "00000_stats.json"]
+    assert json.loads((root / "web/00000_stats.json").read_text())["successes"] == 24
+    samples = list(wds.WebDataset(str(root / "web/00000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [f"{i:012d}" for i in range(1, 25)]
+    assert all(len(s["txt"].decode().splitlines()) == cfg.web_captions_per_image for s in samples)
+    assert Image.open(io.BytesIO(samples[0]["jpg"])).size == (cfg.image_size, cfg.image_size)
     assert (root / "coco/train2017/000000000040.jpg").exists()
     shift = root / "eval/world-shift/ADEChallengeData2016"
     assert Image.open(shift / "images/validation/ADE_val_00000001.jpg").size == (80, 80)
@@ -136,13 +149,10 @@ def test_captions(world, cfg):
             assert any(_mentions(cap, CLASSES[c].name) for c in scene.stuff_classes), cap
             unseen_mentioned |= {n for n in cfg.unseen if _mentions(cap, n)}
     assert unseen_mentioned, "captions must name unseen classes too"
-    web = json.loads((root / "web/annotations/captions_train2017.json").read_text())
-    by_image: dict[int, list[str]] = {}
-    for a in web["annotations"]:
-        by_image.setdefault(a["image_id"], []).append(a["caption"])
-    assert sorted(by_image) == [im["id"] for im in web["images"]]
-    for image_id, caps in by_image.items():
-        scene = split_scene(cfg, "web", image_id - 1)
+    web = _web_captions(root)
+    assert list(web) == [f"{i:012d}" for i in range(1, cfg.web_images + 1)]
+    for key, caps in web.items():
+        scene = split_scene(cfg, "web", int(key) - 1)
         assert len(caps) == cfg.web_captions_per_image
         for cap in caps:  # the web split names every class present
             assert all(_mentions(cap, n) for n in scene.class_names()), (cap, scene.class_names())
@@ -154,7 +164,7 @@ def test_tagged_captions_parse_with_nltk(world, monkeypatch):
     monkeypatch.setattr(nltk.data, "path", nltk.data.path + [str(root)])
     reader = TaggedCorpusReader(str(root), ["pos_tagged_captions.txt"])
     sents = reader.tagged_sents()
-    captions = [a["caption"] for a in json.loads((root / "web/annotations/captions_train2017.json").read_text())["annotations"]]
+    captions = [c for caps in _web_captions(root).values() for c in caps]
     captions += [a["caption"] for a in
                  json.loads((root / "coco/annotations/captions_train2017.json").read_text())["annotations"]]
     assert len(sents) == len(captions)

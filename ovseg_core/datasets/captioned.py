@@ -4,8 +4,8 @@ segmentation labels):
 - `webdataset-captions`: an image–text WebDataset as img2dataset writes it. Shards `<root>/*.tar` hold
   `<key>.jpg` (or .jpeg/.png/.webp) with `<key>.txt` and/or `<key>.json` (`{"caption": ...}`; the .txt wins
   where both are present), and `<shard>_stats.json` beside each shard, whose `successes` must equal the
-  images the shard holds (a shorter shard is an incomplete download). The images are stored in the
-  prepared set (`images/<key>.<ext>`): they have no files of their own.
+  images the shard holds (a shorter shard is an incomplete download). The images stay in the shards: the
+  prepared set refers to each as `<shard>.tar/<key>.<ext>` (ovseg_core.archive).
 - `caption-folder`: a folder (searched recursively) of images with sidecar captions, `photo.jpg` +
   `photo.txt`, one caption per non-empty line. Images stay where they are; sample ids are the paths under
   the root without suffix, '/' written as '__' and other characters than letters, digits, '_' and '-' as

@@ -1,11 +1,12 @@
 """The conversion loop every reader shares: probe the image, decode and map the label, check, write."""
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -21,8 +22,8 @@ INVALID = -1  # marks raw label values that no class or ignore value maps from
 @dataclass(frozen=True)
 class Item:
     """One sample to convert: `label` is the annotation file named in errors (None for caption-only data).
-    An image inside an archive comes as its bytes (`data`), named `<archive>/<member>` (`image`) in errors,
-    and is stored in the prepared set."""
+    An image inside an archive is the path `<archive>/<member>` (`image`, how the prepared set refers to it:
+    ovseg_core.archive) and comes with its bytes (`data`), read as the reader streams the archive."""
 
     id: str
     image: Path
@@ -60,7 +61,7 @@ def ignore_for(num_classes: int) -> int:
     return 255 if num_classes <= 255 else 65535
 
 
-def probe_image(path: Path) -> tuple[int, int] | str:
+def probe_image(path: Path | BinaryIO) -> tuple[int, int] | str:
     """(width, height) of a decodable image, or the reason it cannot be used. JPEGs are decoded at reduced
     scale (draft mode): that still reads every entropy-coded block, so truncation and corruption surface."""
     try:
@@ -153,19 +154,16 @@ def write_prepared(
         where = out_root
         for item in track(items, len(items) if total is None else total, f"prepare {name}"):
             where = item.image.parent
-            image = item.image if item.data is None else writer.store_image(item.id + item.image.suffix, item.data)
-            size = probe_image(image)
+            size = probe_image(item.image if item.data is None else io.BytesIO(item.data))
             if isinstance(size, str):
                 writer.skip(relative(item.image, out_root), size)
-                if item.data is not None:
-                    image.unlink()
                 continue
             label = None
             if make_label is not None:
                 assert item.label is not None
                 label = make_label(item)
                 check_size(label, size, item.label, item.image)
-            writer.add(item.id, image, label, label_source=item.label or item.image)
+            writer.add(item.id, item.image, label, label_source=item.label or item.image)
         for path, reason in skipped:
             writer.skip(relative(path, out_root), reason)
         if not writer.samples:

@@ -4,13 +4,14 @@ Layout of one prepared dataset directory::
 
     <root>/dataset.json     name, classes, seen flags, ignore label, samples, source, skipped count
     <root>/seen.csv         the seen/unseen split and its basis: class, seen, train_class, rule
-    <root>/labels/<id>.png  label map: uint8 PNG when ignore is 255, uint16 PNG when ignore is 65535
+    <root>/labels.tar       label maps, member <id>.png: uint8 PNG when ignore is 255, uint16 PNG when 65535
     <root>/captions.json    optional: {image id: [caption, ...]}
-    <root>/images/          only images that live inside archives (WebDataset shards), stored on prepare
 
-Images are not copied (a real COCO is 19 GB): each sample stores the image path relative to
-`<root>`, pointing into the raw dataset (or into `images/`). Class ids are 0..K-1; every other value
-is `ignore_label`.
+Images are not copied (a real COCO is 19 GB): each sample stores the image path relative to `<root>`, pointing
+into the raw dataset, through a tar where the image is an archive member (an img2dataset shard:
+`../web/00000.tar/<key>.jpg`, see `ovseg_core.archive`). Label maps are kept in one tar rather than as a file
+each: at COCO size that is one file instead of 118K for DVC to hash and for a teammate to pull.
+Class ids are 0..K-1; every other value is `ignore_label`.
 A class is *seen* when the proposal network's training vocabulary holds its concept (`concepts`); seen.csv
 names, for each class, the training class it matched and by which rule, so that seen / unseen scores can
 be checked.
@@ -18,20 +19,23 @@ be checked.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO, Iterator, Mapping, Sequence
 
 import numpy as np
+import webdataset as wds
 from PIL import Image
 
+from ..archive import read_bytes, reproducible_tar_writer
 from ..atomic import atomic_dir, write_csv
 from ..errors import DataError
 
 DATASET_FILE = "dataset.json"
-IMAGES_DIR = "images"
+LABELS_TAR = "labels.tar"
 SEEN_FILE = "seen.csv"
 CAPTIONS_FILE = "captions.json"
 
@@ -39,8 +43,8 @@ CAPTIONS_FILE = "captions.json"
 @dataclass(frozen=True)
 class Sample:
     id: str
-    image: str  # relative to the dataset root
-    label: str | None  # relative to the dataset root; None for caption-only data
+    image: str  # relative to the dataset root, possibly through a tar (ovseg_core.archive)
+    label: str | None  # labels.tar/<id>.png, relative to the dataset root; None for caption-only data
 
 
 @dataclass
@@ -77,7 +81,12 @@ class PreparedDataset:
         rel = self.samples[i].label
         if rel is None:
             raise DataError(self.root / DATASET_FILE, f"sample {self.samples[i].id} has no label map")
-        return np.asarray(Image.open(self.root / rel), dtype=np.int64)
+        path = self.root / rel
+        try:
+            with Image.open(io.BytesIO(read_bytes(path, "label map"))) as im:
+                return np.asarray(im, dtype=np.int64)
+        except OSError as e:
+            raise DataError(path, f"label map fails to decode: {e}") from e
 
     def captions(self) -> dict[str, list[str]]:
         path = self.root / CAPTIONS_FILE
@@ -104,19 +113,24 @@ class PreparedDataset:
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image as RGB uint8, or raise DataError naming the file."""
+    """Decode an image (a file or an archive member) as RGB uint8, or raise DataError naming it."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(read_bytes(path, "image file"))) as im:
             return np.array(im.convert("RGB"))  # writable, so torch.from_numpy needs no copy
-    except FileNotFoundError as e:
-        raise DataError(path, "image file is missing") from e
     except OSError as e:
         raise DataError(path, f"image fails to decode: {e}") from e
 
 
-def save_label(path: Path, label: np.ndarray, ignore_label: int) -> None:
+def encode_label(label: np.ndarray, ignore_label: int) -> bytes:
+    """A label map as PNG: uint8 when the ignore label is 255, uint16 when it is 65535."""
     dtype = np.uint8 if ignore_label == 255 else np.uint16
-    Image.fromarray(label.astype(dtype)).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(label.astype(dtype)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_label(path: Path, label: np.ndarray, ignore_label: int) -> None:
+    Path(path).write_bytes(encode_label(label, ignore_label))
 
 
 class PreparedWriter:
@@ -127,6 +141,7 @@ class PreparedWriter:
         with PreparedWriter(root, name, classes, seen, ignore_label, source, seen_basis) as w:
             w.add(sample_id, image_path, label_array)
             w.skip(path, reason)          # a corrupt image, reported in dataset.json
+            w.add(sample_id, "shard.tar/key.jpg", label_array)  # an image inside an archive
             w.set_captions({...})
     """
 
@@ -156,12 +171,20 @@ class PreparedWriter:
         self.skipped: list[dict[str, str]] = []
         self.captions: dict[str, list[str]] | None = None
         self._ids: set[str] = set()
+        self._labels: wds.TarWriter | None = None
+        self._labels_file: BinaryIO | None = None
 
     def __enter__(self) -> "PreparedWriter":
         self._ctx = atomic_dir(self.root)
         self.tmp = self._ctx.__enter__()
-        (self.tmp / "labels").mkdir()
         return self
+
+    def _write_label(self, sample_id: str, png: bytes) -> str:
+        if self._labels is None:  # opened on the first label: caption-only sets have no labels.tar
+            self._labels_file = open(self.tmp / LABELS_TAR, "wb")
+            self._labels = reproducible_tar_writer(self._labels_file)
+        self._labels.write({"__key__": sample_id, "png": png})
+        return f"{LABELS_TAR}/{sample_id}.png"
 
     def add(self, sample_id: str, image_path: str | Path, label: np.ndarray | None,
             label_source: str | Path | None = None) -> None:
@@ -178,19 +201,9 @@ class PreparedWriter:
                 values = sorted(set(np.unique(label[bad]).tolist()))[:10]
                 raise DataError(label_source or image_path,
                                 f"label values {values} outside the class range 0..{k - 1} (ignore {ignore})")
-            rel_label = f"labels/{sample_id}.png"
-            save_label(self.tmp / rel_label, label, ignore)
-        image_path = Path(image_path).resolve()
-        base = self.tmp if image_path.is_relative_to(self.tmp.resolve()) else self.root  # stored, or in place
-        rel_image = os.path.relpath(image_path, base.resolve())
+            rel_label = self._write_label(sample_id, encode_label(label, ignore))
+        rel_image = os.path.relpath(Path(image_path).resolve(), self.root.resolve())
         self.samples.append(Sample(sample_id, rel_image, rel_label))
-
-    def store_image(self, name: str, data: bytes) -> Path:
-        """Keep an image that has no file of its own (an archive member) in the prepared set's images/."""
-        path = self.tmp / IMAGES_DIR / name
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(data)
-        return path
 
     def skip(self, path: str | Path, reason: str) -> None:
         self.skipped.append({"path": str(path), "reason": reason})
@@ -199,6 +212,11 @@ class PreparedWriter:
         self.captions = captions
 
     def __exit__(self, exc_type, exc, tb) -> bool | None:
+        if self._labels is not None:
+            try:
+                self._labels.close()
+            finally:
+                self._labels_file.close()
         if exc_type is None:
             meta = dict(self.meta, samples=[asdict(s) for s in self.samples], skipped=self.skipped)
             (self.tmp / DATASET_FILE).write_text(json.dumps(meta, indent=1) + "\n")

@@ -2,7 +2,7 @@
 
 Layout under the output directory::
 
-    web/train2017/{id:012d}.jpg, web/annotations/captions_train2017.json  contrastive pretraining (COCO Captions layout)
+    web/{shard:05d}.tar, web/{shard:05d}_stats.json               contrastive pretraining (img2dataset's WebDataset)
     coco/train2017/{id:012d}.jpg                                  segmentation training images
     coco/annotations/instances_train2017.json                     seen things, RLE
     coco/annotations/stuff_train2017.json                         seen stuff, RLE
@@ -17,6 +17,8 @@ Every scene is seeded from (seed, split, index), so any one image can be regener
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 import zlib
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..archive import reproducible_tar_writer
 from ..atomic import atomic_dir, write_json, write_text
 from ..progress import Progress
 from .captions import make_captions
@@ -33,13 +36,14 @@ from .spec import CLASSES, NUM_THINGS, class_index, coco_category_id
 from .writers import (ADE_DIR, coco_categories, coco_image, jpeg_bytes, png_bytes, rle_annotations,
                       tagged_line, write_coco_json, write_new_file, write_object_info)
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: the web split as WebDataset shards (was COCO Captions' layout)
 TAGGED_CAPTIONS = "pos_tagged_captions.txt"
 # The tagged captions train the nouns tagger (`trained:<file>`), the world's stand-in for a treebank: a corpus of
 # fixed size. Every caption of a COCO-sized split (600K sentences) made each mining process spend minutes and
 # hundreds of MB training it; the default world's 23,500 all fit.
 TAGGED_SENTENCES = 30_000
 MANIFEST = "world.json"
+WEB_SHARD_SIZE = 1000  # images per web shard (img2dataset's number_sample_per_shard; its default is 10,000)
 
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -72,22 +76,29 @@ def ade_name(index: int) -> str:
 
 
 def _write_web(root: Path, cfg: WorldConfig, tagged: list[str]) -> dict[str, int]:
-    # COCO Captions layout, so `prepare` reads it with the same reader as real COCO captions
-    (root / "train2017").mkdir(parents=True)
-    images, anns = [], []
+    # As img2dataset downloads web image-text data: shards of <key>.jpg + <key>.txt (the captions, one per line) +
+    # <key>.json, each with a _stats.json. `prepare` reads them with the webdataset-captions reader, as it would a
+    # real download, and the images stay in the shards.
+    root.mkdir(parents=True)
+    captions = 0
     with Progress(cfg.web_images, "world: web") as bar:
-        for i in range(cfg.web_images):
-            scene = split_scene(cfg, "web", i)
-            image_id = i + 1
-            file_name = f"{image_id:012d}.jpg"
-            write_new_file(root / "train2017" / file_name, jpeg_bytes(scene.image, cfg.jpeg_quality))
-            images.append(coco_image(image_id, file_name, cfg.image_size))
-            for text, tokens in zip(scene.captions, scene.tagged):
-                anns.append({"id": len(anns) + 1, "image_id": image_id, "caption": text})
-                tagged.append(tagged_line(tokens))
-            bar.update()
-    write_coco_json(root / "annotations" / "captions_train2017.json", "ovseg embedded world: web captions", images, anns)
-    return {"web_images": len(images), "web_captions": len(anns)}
+        for shard, start in enumerate(range(0, cfg.web_images, WEB_SHARD_SIZE)):
+            keys = range(start + 1, min(start + WEB_SHARD_SIZE, cfg.web_images) + 1)
+            with open(root / f"{shard:05d}.tar", "xb") as f, contextlib.closing(reproducible_tar_writer(f)) as tar:
+                for image_id in keys:
+                    scene = split_scene(cfg, "web", image_id - 1)
+                    key = f"{image_id:012d}"
+                    meta = {"key": key, "caption": scene.captions[0], "status": "success",
+                            "width": cfg.image_size, "height": cfg.image_size}
+                    tar.write({"__key__": key, "jpg": jpeg_bytes(scene.image, cfg.jpeg_quality),
+                               "txt": "\n".join(scene.captions).encode("utf-8"),
+                               "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+                    tagged.extend(tagged_line(tokens) for tokens in scene.tagged)
+                    captions += len(scene.captions)
+                    bar.update()
+            write_json(root / f"{shard:05d}_stats.json", {"count": len(keys), "successes": len(keys),
+                                                          "failed_to_download": 0, "failed_to_resize": 0})
+    return {"web_images": cfg.web_images, "web_shards": shard + 1, "web_captions": captions}
 
 
 def _write_coco(root: Path, cfg: WorldConfig, seen: list[bool], tagged: list[str],
@@ -194,7 +205,7 @@ def manifest(cfg: WorldConfig, seen: list[bool], counts: dict[str, Any]) -> dict
         "classes": classes,
         "counts": counts,
         "files": {
-            "web_images": "web/images", "web_captions": "web/captions.json",
+            "web_shards": "web/{00000..}.tar",
             "coco_images": "coco/train2017",
             "coco_instances": "coco/annotations/instances_train2017.json",
             "coco_stuff": "coco/annotations/stuff_train2017.json",
