@@ -11,11 +11,12 @@ from __future__ import annotations
 import functools
 import tarfile
 from pathlib import Path
-from typing import BinaryIO
-
-import webdataset as wds
+from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    import webdataset as wds
 
 TAR_SUFFIX = ".tar"
 # Fixed member time, owner and mode: equal contents give equal tar bytes.
@@ -27,6 +28,8 @@ MEMBER_MODE = 0o444
 def reproducible_tar_writer(stream: BinaryIO) -> wds.TarWriter:
     """webdataset's writer for samples `{"__key__": key, ext: bytes}` (members `<key>.<ext>`), already encoded,
     with fixed member metadata."""
+    import webdataset as wds  # here: it imports torch, which readers of archive members (the report) do without
+
     return wds.TarWriter(stream, user=MEMBER_OWNER, group=MEMBER_OWNER, mode=MEMBER_MODE, mtime=MEMBER_MTIME,
                          encoder=False)
 

@@ -24,15 +24,17 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Mapping, Sequence
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from ..archive import read_bytes, reproducible_tar_writer
 from ..atomic import atomic_dir, write_csv
 from ..errors import DataError
+
+if TYPE_CHECKING:
+    import webdataset as wds
 
 DATASET_FILE = "dataset.json"
 LABELS_TAR = "labels.tar"
