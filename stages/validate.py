@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from ovseg_core.clip.models import resolve_pretrained
 from ovseg_core.compute import ComputeConfig, ComputeError
 from ovseg_core.datasets.registry import DATASETS
 from ovseg_core.errors import MissingWeightsError
@@ -97,6 +96,8 @@ def check(params: dict[str, Any]) -> list[str]:
                             "masks; see README 'Bring your own masks')")
     clip = params.get("pretrain_clip", {})
     if clip.get("pretrained"):
+        from ovseg_core.clip.models import resolve_pretrained  # here: open_clip's import is 3-6 s of the check
+
         try:
             resolve_pretrained(clip["arch"], clip["pretrained"])
         except (MissingWeightsError, ValueError) as e:

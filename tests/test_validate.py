@@ -63,3 +63,13 @@ def test_sets_outside_the_folders_dvc_tracks_for_their_stage_are_reported(monkey
     assert len(problems) == 2
     assert "train_maskformer.heldout: data/prepared/world-val" in problems[0] and "data/prepared/eval" in problems[0]
     assert "evaluate.common.datasets.world-eval.root: data/elsewhere/world-eval" in problems[1]
+
+
+def test_the_embedded_recipe_is_validated_without_importing_open_clip():
+    """open_clip is needed only to resolve pretrained CLIP weights, which the embedded recipe does not ask for; its
+    import was half of the check's 11 s, paid by every `flows.pipeline` run."""
+    code = ("import sys\nfrom stages.common import load_params\nfrom stages.validate import check\n"
+            "print(check(load_params('params.yaml')), 'open_clip' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["[]", "False"]
