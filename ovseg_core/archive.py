@@ -25,12 +25,12 @@ MEMBER_OWNER = "ovseg"
 MEMBER_MODE = 0o444
 
 
-def reproducible_tar_writer(stream: BinaryIO) -> wds.TarWriter:
+def reproducible_tar_writer(target: Path | BinaryIO) -> wds.TarWriter:
     """webdataset's writer for samples `{"__key__": key, ext: bytes}` (members `<key>.<ext>`), already encoded,
-    with fixed member metadata."""
+    with fixed member metadata. `target`: a stream, or a path the writer creates and closes itself."""
     import webdataset as wds  # here: it imports torch, which readers of archive members (the report) do without
 
-    return wds.TarWriter(stream, user=MEMBER_OWNER, group=MEMBER_OWNER, mode=MEMBER_MODE, mtime=MEMBER_MTIME,
+    return wds.TarWriter(str(target) if isinstance(target, Path) else target, user=MEMBER_OWNER, group=MEMBER_OWNER, mode=MEMBER_MODE, mtime=MEMBER_MTIME,
                          encoder=False)
 
 

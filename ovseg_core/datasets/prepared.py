@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -174,7 +174,6 @@ class PreparedWriter:
         self.captions: dict[str, list[str]] | None = None
         self._ids: set[str] = set()
         self._labels: wds.TarWriter | None = None
-        self._labels_file: BinaryIO | None = None
 
     def __enter__(self) -> "PreparedWriter":
         self._ctx = atomic_dir(self.root)
@@ -182,9 +181,8 @@ class PreparedWriter:
         return self
 
     def _write_label(self, sample_id: str, png: bytes) -> str:
-        if self._labels is None:  # opened on the first label: caption-only sets have no labels.tar
-            self._labels_file = open(self.tmp / LABELS_TAR, "wb")
-            self._labels = reproducible_tar_writer(self._labels_file)
+        if self._labels is None:  # created on the first label: caption-only sets have no labels.tar
+            self._labels = reproducible_tar_writer(self.tmp / LABELS_TAR)
         self._labels.write({"__key__": sample_id, "png": png})
         return f"{LABELS_TAR}/{sample_id}.png"
 
@@ -215,10 +213,7 @@ class PreparedWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool | None:
         if self._labels is not None:
-            try:
-                self._labels.close()
-            finally:
-                self._labels_file.close()
+            self._labels.close()  # closes the file too
         if exc_type is None:
             meta = dict(self.meta, samples=[asdict(s) for s in self.samples], skipped=self.skipped)
             (self.tmp / DATASET_FILE).write_text(json.dumps(meta, indent=1) + "\n")

@@ -81,10 +81,11 @@ def _write_web(root: Path, cfg: WorldConfig, tagged: list[str]) -> dict[str, int
     # real download, and the images stay in the shards.
     root.mkdir(parents=True)
     captions = 0
+    starts = range(0, cfg.web_images, WEB_SHARD_SIZE)
     with Progress(cfg.web_images, "world: web") as bar:
-        for shard, start in enumerate(range(0, cfg.web_images, WEB_SHARD_SIZE)):
+        for shard, start in enumerate(starts):
             keys = range(start + 1, min(start + WEB_SHARD_SIZE, cfg.web_images) + 1)
-            with open(root / f"{shard:05d}.tar", "xb") as f, contextlib.closing(reproducible_tar_writer(f)) as tar:
+            with contextlib.closing(reproducible_tar_writer(root / f"{shard:05d}.tar")) as tar:
                 for image_id in keys:
                     scene = split_scene(cfg, "web", image_id - 1)
                     key = f"{image_id:012d}"
@@ -98,7 +99,7 @@ def _write_web(root: Path, cfg: WorldConfig, tagged: list[str]) -> dict[str, int
                     bar.update()
             write_json(root / f"{shard:05d}_stats.json", {"count": len(keys), "successes": len(keys),
                                                           "failed_to_download": 0, "failed_to_resize": 0})
-    return {"web_images": cfg.web_images, "web_shards": shard + 1, "web_captions": captions}
+    return {"web_images": cfg.web_images, "web_shards": len(starts), "web_captions": captions}
 
 
 def _write_coco(root: Path, cfg: WorldConfig, seen: list[bool], tagged: list[str],
