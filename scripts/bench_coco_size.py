@@ -325,16 +325,18 @@ def loader_pass(args: argparse.Namespace) -> None:
 
 
 def mine_units(args: argparse.Namespace) -> None:
-    """Mine the given units from scratch, with the settings and models of the run's mine stage."""
-    from stages.common import StageContext, load_params
-    from stages.mine import mining_spec, miner_for
+    """Mine the given units from scratch, as the run's mine stage mines a unit: its settings, models and torch
+    threads per unit (another thread count sums in another order, and float rounding may flip a mask pixel)."""
+    from flows.stage import PrefectStageContext
+    from stages.common import load_params
+    from stages.mine import mine_unit, mining_spec
 
-    ctx = StageContext("mine", load_params(args.params), VARIANT)
-    spec = mining_spec(ctx)
+    # the stage's own context: it shares the CPUs among the units it runs at once (prefect.max_workers)
+    ctx = PrefectStageContext("mine", load_params(args.params), VARIANT)
+    spec_json = json.dumps(mining_spec(ctx), sort_keys=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    miner = miner_for(json.dumps(spec, sort_keys=True))
     for unit in args.units:
-        miner.mine_unit(unit, args.out)
+        mine_unit(spec_json, str(args.out), unit)
     print(json.dumps({"units": args.units}))
 
 

@@ -54,6 +54,7 @@ def stage_params(code: Path, run_dir: Path, variant: str, work: Path, overrides:
     mine["common"]["nouns"].update(tagger=f"trained:{(run_dir / 'data/world/pos_tagged_captions.txt').resolve()}",
                                    nltk_data=str(REPO / ".ovseg" / "nltk_data"))
     mine.update(out=str(work / "out"), work=str(work / "work"), metrics=str(work / "metrics"))
+    params["runs"] = str(work / "runs")  # the run record too: not the tree's committed one
     mine["common"].update(overrides)
     return params
 
