@@ -10,6 +10,7 @@ over both, and the peak memory of the whole process tree (sum of RSS, sampled ev
 
     python -m scripts.bench_mine --run-dir . --compare c921254 --rounds 2 --out benchmarks/mine-cpu.json
     python -m scripts.bench_mine --run-dir . --images-per-unit 150 1500      # memory vs unit size
+    python -m scripts.bench_mine --run-dir . --compare c921254 --precision bf16   # this tree in bf16
 """
 from __future__ import annotations
 
@@ -67,12 +68,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--images-per-unit", type=int, nargs="+", default=[None],
                         help="mine.common.images_per_unit values to run (this tree only; default: params.yaml's)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                        help="compute.precision of this tree's runs (default: params.yaml's)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-mine-") as tmp:
         tmp = Path(tmp)
-        configs = [(f"HEAD images_per_unit={n or 'params'}", REPO, {"images_per_unit": n} if n else {})
+        precision = f" {args.precision}" if args.precision else ""
+        configs = [(f"HEAD images_per_unit={n or 'params'}{precision}", REPO, {"images_per_unit": n} if n else {})
                    for n in args.images_per_unit]
         if args.compare:
             old = tmp / "compare"
@@ -85,8 +89,10 @@ def main() -> None:
                 for name, code, overrides in configs:
                     work = tmp / f"run-{len(results[name])}-{name.split()[0]}"
                     work.mkdir()
-                    r = run_stage(code, stage_params(code, args.run_dir, args.variant, work, overrides),
-                                  args.variant, work)
+                    params = stage_params(code, args.run_dir, args.variant, work, overrides)
+                    if code == REPO and args.precision:
+                        params["compute"]["precision"] = args.precision
+                    r = run_stage(code, params, args.variant, work)
                     results[name].append(r)
                     print(f"round {round_ + 1} {name}: {r}", flush=True)
                     shutil.rmtree(work)
