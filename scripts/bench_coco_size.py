@@ -66,8 +66,7 @@ class Run:
 
     def __init__(self, record: dict[str, Any]):
         self.record = record
-        self.env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONPATH="",
-                        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        self.env = dict(measure.tool_env(), PYTHONPATH="")
 
     def step(self, name: str, cmd: list[str], cwd: Path, **kwargs: Any) -> measure.Measured:
         print(f"[{datetime.datetime.now():%H:%M:%S}] {name}: {' '.join(cmd)}", flush=True)
@@ -122,8 +121,7 @@ def new_record() -> dict[str, Any]:
         "date": datetime.date.today().isoformat(),
         "machine": measure.machine(),
         "command": "python -m scripts.bench_coco_size " + " ".join(sys.argv[1:]),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": measure.commit(REPO),
         "steps": {},
     }
 

@@ -8,7 +8,8 @@ In a run directory where the whole pipeline is up to date (after `dvc repro` or 
    not running: the first call pays for that), `dvc repro` finding nothing to do;
 3. `python -m flows.stage report` `--rounds` times (`--stage-startup`): the report stage (one second of work,
    no torch) run directly, its process wall time against the wall time its run record gives the flow itself.
-   It rewrites the report with the same bytes, so the pipeline stays up to date.
+   It rewrites the report with the same bytes and its run record into a temporary directory, so the pipeline
+   stays up to date.
 
     python -m scripts.bench_noop --run-dir /work/run --rounds 5 --driver --stage-startup \
         --out benchmarks/noop-repro-cpu-2026-12-04.json
@@ -18,14 +19,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ovseg_core.atomic import write_json
 from scripts import measure
@@ -62,12 +65,19 @@ def noop_repro(run_dir: Path, rounds: int, env: dict[str, str]) -> dict[str, Any
 
 
 def stage_startup(run_dir: Path, rounds: int, env: dict[str, str]) -> dict[str, Any]:
-    record = run_dir / "metrics" / "runs" / "report.json"
     process, flow = [], []
-    for _ in range(rounds):
-        wall, _, _ = timed([sys.executable, "-m", "flows.stage", "report"], run_dir, env)
-        process.append(wall)
-        flow.append(json.loads(record.read_text())["wall_s"])
+    with tempfile.TemporaryDirectory(prefix="bench-noop-") as tmp:
+        # the run's params with the run record written here: the record differs from run to run, and in the run
+        # directory it would make the next `dvc repro` rerun the stage (the report itself comes out the same)
+        params = yaml.safe_load((run_dir / "params.yaml").read_text())
+        params["runs"] = str(Path(tmp) / "runs")
+        params_file = Path(tmp) / "params.yaml"
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        for _ in range(rounds):
+            wall, _, _ = timed([sys.executable, "-m", "flows.stage", "report", "--params", str(params_file)], run_dir,
+                               env)
+            process.append(wall)
+            flow.append(json.loads((Path(tmp) / "runs" / "report.json").read_text())["wall_s"])
     startup = [round(p - f, 2) for p, f in zip(process, flow)]
     return {"command": "python -m flows.stage report", "process_s": spread(process), "flow_s": spread(flow),
             "startup_s": spread(startup),
@@ -85,16 +95,14 @@ def main() -> None:
     args = parser.parse_args()
 
     run_dir = args.run_dir.resolve()
-    env = dict(os.environ, DVC_NO_ANALYTICS="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    timed(["dvc", "repro"], run_dir, env)  # warm the file cache; fails loudly if the pipeline is broken
+    env = measure.tool_env()
+    noop_repro(run_dir, 1, env)  # warms the file cache; refuses a run directory that is not up to date
     _, _, listing = timed(["dvc", "stage", "list", "--name-only"], run_dir, env)
     result: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{measure.machine()}, no GPU used",
         "command": "python -m scripts.bench_noop " + " ".join(sys.argv[1:]),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=run_dir, capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": measure.commit(run_dir),
         "stages": len(listing.split()),
         "measured": "every figure measured on this machine, none projected",
         "noop_repro": noop_repro(run_dir, args.rounds, env),

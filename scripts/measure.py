@@ -15,6 +15,7 @@ import os
 import platform
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -96,3 +97,16 @@ def cpu_name() -> str:
 def machine() -> str:
     """What a benchmark record says it ran on: CPU model, cores, memory."""
     return f"{cpu_name()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
+
+
+def tool_env() -> dict[str, str]:
+    """This process's environment for the commands a benchmark runs: this interpreter's bin first on PATH (its
+    dvc and python), DVC's analytics off."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return dict(os.environ, DVC_NO_ANALYTICS="1", PATH=path)
+
+
+def commit(cwd: Path) -> str:
+    """The short hash of the commit checked out in `cwd` (what a benchmark record says it measured)."""
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True)
+    return git.stdout.strip()

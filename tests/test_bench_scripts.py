@@ -1,17 +1,16 @@
 """The benchmark scripts measure what they say and write nothing into the tree they measure."""
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from scripts.bench_mine import REPO, stage_params
 from scripts.bench_noop import noop_repro
+from scripts import measure
 
 
 def test_noop_repro_refuses_a_run_that_did_work_and_times_one_that_did_none(tmp_path):
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = measure.tool_env()
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
     (tmp_path / "dvc.yaml").write_text(
         "stages:\n  write:\n    cmd: python -c \"open('out.txt', 'w').write('x')\"\n    outs: [out.txt]\n")
