@@ -208,7 +208,8 @@ TRAINED_RUN_EVAL_IMAGES = 24
 TRAINED_RUN = {  # params.yaml keys → values: a smaller world and shorter trainings, the same recipe otherwise
     "world.web_images": 2400,
     "world.coco_images": 400,
-    "world.eval_sets": {"world-eval": {"images": TRAINED_RUN_EVAL_IMAGES}, "world-val": {"images": 4}},
+    "world.eval_sets": {"world-eval": {"images": TRAINED_RUN_EVAL_IMAGES}, "world-val": {"images": 4},
+                        "world-wide": {"images": 4, "vocabulary": "wide"}},
     "pretrain_clip.train.steps": 100,
     "pretrain_clip.train.checkpoint_every": 100,
     "pretrain_clip.probe.images": 8,

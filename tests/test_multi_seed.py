@@ -30,11 +30,16 @@ def scores(miou: float, unseen: float = 1.0) -> dict:
     return {"mIoU": miou, "seen_mIoU": miou + 1, "unseen_mIoU": unseen, "hIoU": unseen / 2}
 
 
-def write_seed(root: Path, seed: int, by_variant: dict[str, dict[str, dict]], sweep: dict | None = None) -> None:
+WIDE = "world-wide"
+
+
+def write_seed(root: Path, seed: int, by_variant: dict[str, dict[str, dict]], sweep: dict | None = None,
+               wide: dict[str, dict[str, dict]] | None = None) -> None:
     d = root / f"seed-{seed}" / "evaluate"
     d.mkdir(parents=True)
     for variant, branches in by_variant.items():
-        (d / f"{variant}.json").write_text(json.dumps({DATASET: branches}))
+        sets = {DATASET: branches, **({WIDE: wide[variant]} if wide and variant in wide else {})}
+        (d / f"{variant}.json").write_text(json.dumps(sets))
     if sweep:
         (root / f"seed-{seed}" / "sweep.json").write_text(json.dumps(sweep))
 
@@ -42,13 +47,15 @@ def write_seed(root: Path, seed: int, by_variant: dict[str, dict[str, dict]], sw
 @pytest.fixture
 def three_seeds(tmp_path) -> Path:
     """ft-mpt beats original by 2-4 points in every seed; mpt vs original flips sign; GT classes beat caption nouns
-    on unseen classes in every seed (a reversed claim)."""
+    on unseen classes in every seed (a reversed claim); on the wide set, caption nouns beat GT classes by 3 points
+    in every seed (ft-gt-nouns was not evaluated there)."""
     root = tmp_path / "seeds"
     for seed, (orig, ftmpt, mpt) in enumerate([(10.0, 12.0, 11.0), (11.0, 15.0, 10.0), (9.0, 12.0, 9.5)]):
         ens = lambda m, u=1.0: {"ensemble": scores(m, u), "clip": scores(m - 3), "maskformer": scores(m - 5)}  # noqa: E731
+        wide = {"original": ens(orig - 4), "ft-mpt": ens(ftmpt - 5), "ft": ens(6.0 + seed), "ft-gt-classes": ens(3.0 + seed)}
         write_seed(root, seed, {"original": ens(orig), "ft-mpt": ens(ftmpt), "mpt": ens(mpt), "ft": ens(ftmpt - 1),
                                 "ft-gt-classes": ens(ftmpt, u=5.0 + seed), "ft-gt-nouns": ens(ftmpt, u=2.0)},
-                   {"best_lambda": 0.6 + 0.1 * seed, "best_threshold": 0.5, "best_mIoU": 20.0})
+                   {"best_lambda": 0.6 + 0.1 * seed, "best_threshold": 0.5, "best_mIoU": 20.0}, wide)
     return root
 
 
@@ -63,18 +70,33 @@ def test_claims_are_judged_from_the_seeds(three_seeds):
     assert nouns["differences"] == [-4.0, -5.0, -6.0] and nouns["verdict"] == "reversed"
     assert judged["ensemble > MaskFormer's class prediction alone"]["verdict"] == "holds"  # +5 every seed: sd 0
     assert judged["prompt depth roughly flat"]["verdict"].startswith("not evaluated")
+    # without a larger-vocabulary set its claims are not judged, and say why
+    wide_claim = "caption nouns > GT classes on the larger vocabulary (proposal masks)"
+    assert "report.larger_vocabulary" in judged[wide_claim]["verdict"]
+    with_wide = {j["claim"]: j for j in judge(load_seeds(three_seeds), DATASET, WIDE)}
+    assert with_wide[wide_claim]["differences"] == [3.0, 3.0, 3.0] and with_wide[wide_claim]["verdict"] == "holds"
+    assert with_wide[wide_claim]["dataset"] == WIDE
+    assert with_wide["caption nouns > GT classes on the larger vocabulary (GT masks)"]["verdict"] == "not evaluated"
+    assert with_wide["adapted CLIP (FT→MPT) > original CLIP on the larger vocabulary"]["differences"] == [1.0, 3.0, 2.0]
+    assert with_wide["MPT > original CLIP"] == {**judged["MPT > original CLIP"]}  # the base-set claims stay
 
 
 def test_report_lists_verdicts_and_every_score_as_mean_and_std(three_seeds, tmp_path):
     record = write_report(tmp_path / "seeds.md", tmp_path / "seeds.json", DATASET, three_seeds)
     text = (tmp_path / "seeds.md").read_text()
     assert record["seeds"] == [0, 1, 2]
-    assert "| MPT > original CLIP | Table 3 (a) | 0.2 ± 1.0 | +1.0, -1.0, +0.5 | **within noise** |" in text
-    original = next(r for r in record["scores"] if r["variant"] == "original" and r["branch"] == "ensemble")
+    assert "| MPT > original CLIP | Table 3 (a) | `world-eval` | 0.2 ± 1.0 | +1.0, -1.0, +0.5 | **within noise** |" in text
+    original = next(r for r in record["scores"][DATASET] if r["variant"] == "original" and r["branch"] == "ensemble")
     assert original["mIoU"]["mean"] == pytest.approx(10.0) and original["mIoU"]["std"] == pytest.approx(1.0)
     assert "| `original` | ensemble | 10.0 ± 1.0 | 11.0 ± 1.0 | 1.0 ± 0.0 | 0.5 ± 0.0 |" in text
     assert "| 2 | 0.8 | 0.5 | 20.0 |" in text  # the sweep's best cell per seed
     assert json.loads((tmp_path / "seeds.json").read_text())["claims"] == record["claims"]
+    wide = write_report(tmp_path / "wide.md", tmp_path / "wide.json", DATASET, three_seeds, wide=WIDE)
+    text = (tmp_path / "wide.md").read_text()
+    assert "## Every score on `world-wide`" in text and "| `original` | ensemble | 6.0 ± 1.0 |" in text
+    assert "| caption nouns > GT classes on the larger vocabulary (proposal masks) | Table 2 (3) vs (1), A-847 | " \
+           "`world-wide` | 3.0 ± 0.0 | +3.0, +3.0, +3.0 | **holds** |" in text
+    assert wide["datasets"] == [DATASET, WIDE]
 
 
 def test_the_workspace_is_put_back_after_the_experiments_except_the_collected_seeds(tmp_path, monkeypatch):

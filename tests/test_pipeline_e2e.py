@@ -38,6 +38,7 @@ TINY: dict[str, Any] = {
     "world.coco_images": 60,
     "world.eval_sets.world-eval.images": 16,
     "world.eval_sets.world-val.images": 6,
+    "world.eval_sets.world-wide.images": 8,
     "pretrain_clip.train.steps": 4,
     "pretrain_clip.train.batch_size": 32,
     "pretrain_clip.probe.images": 8,

@@ -17,8 +17,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from ovseg_core.errors import DataError
-from ovseg_core.world import (CLASSES, NUM_THINGS, STUFF, THINGS, WorldConfig, class_index, coco_category_id,
-                              generate_world, render_scene, render_single_object, scene_rng, seen_flags, split_scene)
+from ovseg_core.world import (BASE_CLASSES, CLASSES, EXTRA_THINGS, NUM_THINGS, STUFF, THINGS, WorldConfig,
+                              class_index, coco_category_id, generate_world, render_scene, render_single_object,
+                              scene_rng, seen_flags, split_scene)
 from ovseg_core.world.captions import WORD_TAGS
 from ovseg_core.world.config import SceneParams
 from ovseg_core.world.render import draw_thing
@@ -33,9 +34,11 @@ SMALL = {
         "world-eval": {"images": 60},
         "world-shift": {"images": 12, "image_size": 80, "things": [3, 6], "thing_size": [0.15, 0.35],
                         "partial": 0.4, "angled": 0.7, "stuff_weights": {"sand": 3, "snow": 3, "road": 1}},
+        "world-wide": {"images": 30, "vocabulary": "wide"},
     },
 }
-K = len(CLASSES)
+K = len(BASE_CLASSES)  # the classes of the training split and of the base-vocabulary sets
+EXTRA = {len(BASE_CLASSES) + i for i in range(len(EXTRA_THINGS))}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,7 @@ def test_same_seed_same_bytes_other_seed_differs(world, cfg, tmp_path):
 
 def test_counts_and_layout(world, cfg):
     root, result = world
-    assert result["web_images"] == 24 and result["coco_images"] == 40 and result["scenes"] == 24 + 40 + 60 + 12
+    assert result["web_images"] == 24 and result["coco_images"] == 40 and result["scenes"] == 24 + 40 + 60 + 12 + 30
     # the web split as img2dataset writes it: one shard here (1,000 images per shard), read by webdataset
     assert sorted(p.name for p in (root / "web").iterdir()) == ["00000.tar", "00000_stats.json"]
     assert json.loads((root / "web/00000_stats.json").read_text())["successes"] == 24
@@ -90,7 +93,25 @@ def test_counts_and_layout(world, cfg):
     manifest = json.loads((root / "world.json").read_text())
     assert manifest["seed"] == 7 and manifest["config"]["coco_images"] == 40
     assert [c["name"] for c in manifest["classes"]] == [c.name for c in CLASSES]
-    assert {c["name"] for c in manifest["classes"] if not c["seen"]} == set(cfg.unseen)
+    assert {c["name"] for c in manifest["classes"] if not c["seen"]} == set(cfg.unseen) | {t.name for t in EXTRA_THINGS}
+    assert [c["name"] for c in manifest["classes"] if c["vocabulary"] == "wide"] == [t.name for t in EXTRA_THINGS]
+
+
+def test_extra_things_appear_in_the_web_split_and_wide_sets_only(world, cfg):
+    """The extra things are CLIP's pretraining data and the wide set's, never the training split's; switching the
+    web split to the base vocabulary changes neither the training split nor any held-out set."""
+    web = [split_scene(cfg, "web", i) for i in range(cfg.web_images)]
+    coco = [split_scene(cfg, "coco", i) for i in range(cfg.coco_images)]
+    assert EXTRA & {c for s in web for c in s.thing_classes}
+    assert not EXTRA & {c for s in coco for c in s.thing_classes}
+    extra_names = {t.name for t in EXTRA_THINGS}
+    assert not any(extra_names & set(caption.lower().rstrip(".").split()) for s in coco for caption in s.captions)
+    assert any(extra_names & set(caption.lower().rstrip(".").split()) for s in web for caption in s.captions)
+    base_web = WorldConfig.from_dict({**SMALL, "web_vocabulary": "base"})
+    assert not EXTRA & {c for i in range(cfg.web_images) for c in split_scene(base_web, "web", i).thing_classes}
+    for split, n in (("coco", 5), ("eval/world-eval", 5), ("eval/world-wide", 5)):
+        for i in range(n):
+            np.testing.assert_array_equal(split_scene(cfg, split, i).image, split_scene(base_web, split, i).image)
 
 
 def test_coco_masks_equal_the_rendered_masks(world, cfg):
@@ -178,7 +199,9 @@ def test_tagged_captions_parse_with_nltk(world, monkeypatch):
 
 def test_ade_eval_sets(world, cfg):
     root, _ = world
-    for name in ("world-eval", "world-shift"):
+    for name in ("world-eval", "world-shift", "world-wide"):
+        classes = BASE_CLASSES if name != "world-wide" else CLASSES
+        K = len(classes)
         ade = root / "eval" / name / "ADEChallengeData2016"
         with open(ade / f"objectInfo{K}.csv", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -186,8 +209,8 @@ def test_ade_eval_sets(world, cfg):
             txt_rows = list(csv.DictReader(f, delimiter="\t"))
         # the challenge's .txt: synonyms split by ", "; the sceneparsing .csv: every word split by ";"
         assert list(txt_rows[0]) == list(rows[0]) == ["Idx", "Ratio", "Train", "Val", "Name"]
-        assert [r["Name"].split(", ") for r in txt_rows] == [[c.name, *c.synonyms] for c in CLASSES]
-        assert [r["Name"] for r in rows] == [";".join(" ".join([c.name, *c.synonyms]).split()) for c in CLASSES]
+        assert [r["Name"].split(", ") for r in txt_rows] == [[c.name, *c.synonyms] for c in classes]
+        assert [r["Name"] for r in rows] == [";".join(" ".join([c.name, *c.synonyms]).split()) for c in classes]
         assert "wall;brick;wall" in {r["Name"] for r in rows}  # a two-word synonym, as the real file writes them
         assert [(r["Idx"], r["Ratio"], r["Train"], r["Val"]) for r in rows] == [
             (r["Idx"], r["Ratio"], r["Train"], r["Val"]) for r in txt_rows]
@@ -202,6 +225,8 @@ def test_ade_eval_sets(world, cfg):
         assert sum(int(r["Val"]) > 0 for r in rows) == len(values - {0})
         if name == "world-eval":  # 60 scenes are enough for every class, seen and unseen
             assert values - {0} == set(range(1, K + 1))
+        elif name == "world-wide":  # extra things among the labels
+            assert {v - 1 for v in values} & EXTRA
         else:  # the shift set's stuff mix is its stuff_weights
             assert {v - 1 - NUM_THINGS for v in values if v > NUM_THINGS} <= {
                 s for s, spec in enumerate(STUFF) if spec.name in ("sand", "snow", "road")}
@@ -217,12 +242,15 @@ def test_readers_take_the_world_as_real_data(world, cfg, tmp_path):
     coco = prepare_dataset("coco-stuff-171-json", root / "coco", tmp_path / "coco", "train2017")
     ds = prepare_dataset("ade20k-150", root / "eval" / "world-eval", tmp_path / "eval", "validation",
                          train_vocabulary=coco.classes)
-    assert ds.classes == [c.name for c in CLASSES]
-    assert ds.source["synonyms"] == [[c.name, *c.synonyms] for c in CLASSES]
+    assert ds.classes == [c.name for c in BASE_CLASSES]
+    assert ds.source["synonyms"] == [[c.name, *c.synonyms] for c in BASE_CLASSES]
     assert len(ds.source["class_files"]) == 2  # objectInfo{K}.txt names the classes, the .csv is checked
-    assert ds.seen == seen_flags(cfg)
+    assert ds.seen == seen_flags(cfg)[:K]
     with open(ds.root / SEEN_FILE, newline="") as f:
-        assert [r["seen"] == "True" for r in csv.DictReader(f)] == seen_flags(cfg)
+        assert [r["seen"] == "True" for r in csv.DictReader(f)] == seen_flags(cfg)[:K]
+    wide = prepare_dataset("ade20k-150", root / "eval" / "world-wide", tmp_path / "wide", "validation",
+                           train_vocabulary=coco.classes)
+    assert wide.classes == [c.name for c in CLASSES] and wide.seen == seen_flags(cfg)  # the extra things: unseen
 
 
 def test_scene_masks_partition_the_image():
@@ -255,11 +283,11 @@ def test_jitter_never_makes_thing_colours_overlap():
     """Body colours of neighbouring classes stay apart in hue or brightness even at the largest jitter."""
     rng = np.random.default_rng(0)
     hsv = {}
-    for spec in THINGS:
+    for spec in THINGS + EXTRA_THINGS:
         body = [draw_thing(rng, spec, 24, jitter=1.5).palette[:1] for _ in range(200)]
         rgb = unpack_rgb(np.concatenate(body)).astype(float) / 255
         hsv[spec.name] = np.array([colorsys.rgb_to_hsv(*p) for p in rgb])
-    names = [t.name for t in THINGS]
+    names = [t.name for t in THINGS + EXTRA_THINGS]
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             ha, hb = hsv[a][:, 0] * 360, hsv[b][:, 0] * 360
@@ -278,6 +306,8 @@ def test_pack_roundtrip():
     ({"eval_sets": {"x": {"imgs": 3}}}, ["imgs", "world.eval_sets.x"]),
     ({"scene": {"things": [0, 3]}}, ["things"]),
     ({"unseen": ["unicorn"]}, ["unicorn"]),
+    ({"unseen": ["fish"]}, ["fish", "extra things"]),
+    ({"eval_sets": {"x": {"vocabulary": "huge"}}}, ["world.eval_sets.x.vocabulary", "huge"]),
     ({"coco_images": "many"}, ["coco_images", "integer"]),
     ({"captions_per_image": 2}, ["captions_per_image"]),
 ])

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .spec import CLASS_INDEX, CLASSES, DEFAULT_UNSEEN, STUFF
+from .spec import BASE_CLASSES, CLASS_INDEX, DEFAULT_UNSEEN, STUFF, VOCABULARIES
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class EvalSetConfig(SceneParams):
 
     images: int = 300
     image_size: int | None = None  # default: the world's image_size
+    vocabulary: str = "base"  # base: the training split's classes | wide: + spec.EXTRA_THINGS (as ADE-847 to COCO)
     things: tuple[int, int] = (2, 5)
     thing_size: tuple[float, float] = (0.2, 0.45)
 
@@ -71,6 +72,7 @@ class WorldConfig:
     web_captions_per_image: int = 2
     coco_images: int = 1500
     captions_per_image: int = 5
+    web_vocabulary: str = "wide"  # the web split's things: base | wide (+ spec.EXTRA_THINGS, never in coco)
     unseen: tuple[str, ...] = DEFAULT_UNSEEN
     scene: SceneParams = field(default_factory=SceneParams)
     eval_sets: dict[str, EvalSetConfig] = field(default_factory=lambda: {"world-eval": EvalSetConfig()})
@@ -105,11 +107,18 @@ class WorldConfig:
     def validate(self, source: str | Path = "world config") -> None:
         if self.seed < 0:
             raise DataError(source, f"world.seed must be a non-negative integer, got {self.seed}")
-        unknown = [n for n in self.unseen if n not in CLASS_INDEX]
+        base = [c.name for c in BASE_CLASSES]
+        unknown = [n for n in self.unseen if n not in base]
         if unknown:
-            raise DataError(source, f"world.unseen names unknown classes {unknown}; known: {list(CLASS_INDEX)}")
+            extra = [n for n in unknown if n in CLASS_INDEX]
+            why = f" ({extra}: extra things, never in the training split, so always unseen)" if extra else ""
+            raise DataError(source, f"world.unseen names classes outside the base vocabulary {unknown}{why}; "
+                                    f"known: {base}")
+        if self.web_vocabulary not in VOCABULARIES:
+            raise DataError(source, f"world.web_vocabulary must be one of {list(VOCABULARIES)}, "
+                                    f"got {self.web_vocabulary!r}")
         for kind in ("thing", "stuff"):
-            if all(c.name in self.unseen for c in CLASSES if c.kind == kind):
+            if all(c.name in self.unseen for c in BASE_CLASSES if c.kind == kind):
                 raise DataError(source, f"world.unseen leaves no seen {kind} class to train on")
         if self.image_size < 32:
             raise DataError(source, f"world.image_size must be at least 32, got {self.image_size}")
@@ -128,6 +137,9 @@ class WorldConfig:
             if not name or "/" in name:
                 raise DataError(source, f"world.eval_sets: bad set name {name!r}")
             es.validate(source, f"world.eval_sets.{name}")
+            if es.vocabulary not in VOCABULARIES:
+                raise DataError(source, f"world.eval_sets.{name}.vocabulary must be one of {list(VOCABULARIES)}, "
+                                        f"got {es.vocabulary!r}")
             if es.images < 1 or (es.image_size is not None and es.image_size < 32):
                 raise DataError(source, f"world.eval_sets.{name}: images must be >= 1 and image_size >= 32")
 

@@ -8,7 +8,7 @@ Layout under the output directory::
     coco/annotations/stuff_train2017.json                         seen stuff, RLE
     coco/annotations/captions_train2017.json                      captions naming seen and unseen nouns
     eval/<set>/ADEChallengeData2016/{images,annotations}/validation/ADE_val_{i:08d}.{jpg,png}
-    eval/<set>/ADEChallengeData2016/objectInfo{K}.{txt,csv}       all classes, label = Idx (ADE's two formats)
+    eval/<set>/ADEChallengeData2016/objectInfo{K}.{txt,csv}       the set's vocabulary, label = Idx (ADE's two formats)
     pos_tagged_captions.txt                                       word/TAG captions (web, then coco; the first 30,000)
     world.json                                                    manifest
 
@@ -32,11 +32,11 @@ from ..progress import Progress
 from .captions import make_captions
 from .config import WorldConfig
 from .render import Scene, render_scene
-from .spec import CLASSES, NUM_THINGS, class_index, coco_category_id
+from .spec import BASE_CLASSES, CLASSES, NUM_THINGS, class_index, coco_category_id, vocabulary_classes
 from .writers import (ADE_DIR, coco_categories, coco_image, jpeg_bytes, png_bytes, rle_annotations,
                       tagged_line, write_coco_json, write_new_file, write_object_info)
 
-GENERATOR_VERSION = "1.1"  # 1.1: the web split as WebDataset shards (was COCO Captions' layout)
+GENERATOR_VERSION = "1.2"  # 1.2: extra things in the web split and wide-vocabulary eval sets; 1.1: web as WebDataset
 TAGGED_CAPTIONS = "pos_tagged_captions.txt"
 # The tagged captions train the nouns tagger (`trained:<file>`), the world's stand-in for a treebank: a corpus of
 # fixed size. Every caption of a COCO-sized split (600K sentences) made each mining process spend minutes and
@@ -54,7 +54,8 @@ def split_scene(cfg: WorldConfig, split: str, index: int) -> Scene:
     """Scene `index` (0-based) of split 'web', 'coco' or 'eval/<set name>', exactly as generate_world writes it."""
     rng = scene_rng(cfg.seed, split, index)
     if split in ("web", "coco"):
-        scene = render_scene(rng, cfg.image_size, cfg.scene, cfg.seed)
+        scene = render_scene(rng, cfg.image_size, cfg.scene, cfg.seed,
+                             cfg.web_vocabulary if split == "web" else "base")
         if split == "web":
             make_captions(rng, scene, cfg.web_captions_per_image, all_stuff=True)
         else:
@@ -63,12 +64,14 @@ def split_scene(cfg: WorldConfig, split: str, index: int) -> Scene:
     name = split.removeprefix("eval/")
     if not split.startswith("eval/") or name not in cfg.eval_sets:
         raise KeyError(f"unknown split {split!r}; known: web, coco, " + ", ".join(f"eval/{n}" for n in cfg.eval_sets))
-    return render_scene(rng, cfg.eval_size(name), cfg.eval_sets[name], cfg.seed)
+    es = cfg.eval_sets[name]
+    return render_scene(rng, cfg.eval_size(name), es, cfg.seed, es.vocabulary)
 
 
 def seen_flags(cfg: WorldConfig) -> list[bool]:
+    """Per class of CLASSES: labelled in the training split (the extra things never are)."""
     unseen = {class_index(n) for n in cfg.unseen}
-    return [i not in unseen for i in range(len(CLASSES))]
+    return [i < len(BASE_CLASSES) and i not in unseen for i in range(len(CLASSES))]
 
 
 def ade_name(index: int) -> str:
@@ -127,7 +130,7 @@ def _write_coco(root: Path, cfg: WorldConfig, seen: list[bool], tagged: list[str
     ann_dir = root / "annotations"
     ann_dir.mkdir()
     seen_things = [i for i in range(NUM_THINGS) if seen[i]]
-    seen_stuff = [i for i in range(NUM_THINGS, len(CLASSES)) if seen[i]]
+    seen_stuff = [i for i in range(NUM_THINGS, len(BASE_CLASSES)) if seen[i]]
     write_coco_json(ann_dir / "instances_train2017.json", "ovseg embedded world: seen things", images, things,
                     coco_categories(seen_things))
     write_coco_json(ann_dir / "stuff_train2017.json", "ovseg embedded world: seen stuff", images, stuff,
@@ -143,7 +146,8 @@ def _write_eval(root: Path, cfg: WorldConfig, name: str, coco_presence: np.ndarr
     img_dir, ann_dir = ade / "images" / "validation", ade / "annotations" / "validation"
     img_dir.mkdir(parents=True)
     ann_dir.mkdir(parents=True)
-    k = len(CLASSES)
+    classes = vocabulary_classes(cfg.eval_sets[name].vocabulary)
+    k = len(classes)
     pixels = np.zeros(k + 1, np.int64)
     present = np.zeros(k, np.int64)
     n = cfg.eval_sets[name].images
@@ -157,8 +161,9 @@ def _write_eval(root: Path, cfg: WorldConfig, name: str, coco_presence: np.ndarr
             pixels += counts
             present += counts[1:] > 0
             bar.update()
-    write_object_info(ade, pixels[1:] / max(1, pixels.sum()), coco_presence, present)
-    return {"images": n, "image_size": cfg.eval_size(name), "classes_present": int((present > 0).sum())}
+    write_object_info(ade, classes, pixels[1:] / max(1, pixels.sum()), coco_presence, present)
+    return {"images": n, "image_size": cfg.eval_size(name), "classes": k,
+            "classes_present": int((present > 0).sum())}
 
 
 def generate_world(out_dir: str | Path, cfg: WorldConfig, tagged_sentences: int = TAGGED_SENTENCES) -> dict[str, Any]:
@@ -191,7 +196,8 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig, tagged_sentences: int 
 def manifest(cfg: WorldConfig, seen: list[bool], counts: dict[str, Any]) -> dict[str, Any]:
     classes = []
     for i, spec in enumerate(CLASSES):
-        entry = {"index": i, "name": spec.name, "kind": spec.kind, "seen": seen[i], "synonyms": list(spec.synonyms),
+        entry = {"index": i, "name": spec.name, "kind": spec.kind, "vocabulary": "base" if i < len(BASE_CLASSES) else "wide",
+                 "seen": seen[i], "synonyms": list(spec.synonyms),
                  "supercategory": spec.supercategory, "colour": spec.colour, "ade_label": i + 1,
                  "coco_id": coco_category_id(i) if seen[i] else None}
         if spec.kind == "thing":
@@ -212,7 +218,9 @@ def manifest(cfg: WorldConfig, seen: list[bool], counts: dict[str, Any]) -> dict
             "coco_stuff": "coco/annotations/stuff_train2017.json",
             "coco_captions": "coco/annotations/captions_train2017.json",
             "eval": {name: f"eval/{name}/{ADE_DIR}" for name in cfg.eval_sets},
-            "class_files": [f"objectInfo{len(CLASSES)}.txt", f"objectInfo{len(CLASSES)}.csv"],
+            "class_files": {name: [f"objectInfo{k}.txt", f"objectInfo{k}.csv"]
+                            for name, es in cfg.eval_sets.items()
+                            for k in [len(vocabulary_classes(es.vocabulary))]},
             "pos_tagged_captions": TAGGED_CAPTIONS,
         },
     }

@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import SceneParams
 from .shapes import SHAPES
-from .spec import CLASSES, NUM_THINGS, STUFF, THINGS, ThingSpec, class_index
+from .spec import CLASSES, NUM_THINGS, STUFF, ThingSpec, Vocabulary, class_index, thing_classes
 from .textures import PACKED, pack_rgb, texture_bank, unpack_rgb
 
 MIN_THING_PX = 10  # smaller silhouettes stop being recognisable at all
@@ -183,8 +183,10 @@ def _pick_stuff(rng: np.random.Generator, params: SceneParams) -> list[int]:
 # ---------------------------------------------------------------------------------------------- scenes
 
 def render_scene(rng: np.random.Generator, size: int = 64, params: SceneParams = SceneParams(),
-                 texture_seed: int = 0) -> Scene:
-    """A scene of 1-3 stuff regions and some objects on top (captions are added by captions.py)."""
+                 texture_seed: int = 0, vocabulary: Vocabulary = "base") -> Scene:
+    """A scene of 1-3 stuff regions and some objects on top (captions are added by captions.py); its things
+    come from the vocabulary's (spec.thing_classes)."""
+    things = thing_classes(vocabulary)
     stuff = _pick_stuff(rng, params)
     # the sky stays the top band of a horizon-like layout; other mixes may be cut at an angle
     angled = rng.random() < params.angled and not any(STUFF[i].top_only for i in stuff)
@@ -205,9 +207,9 @@ def render_scene(rng: np.random.Generator, size: int = 64, params: SceneParams =
         if classes and repeat < 0.25:
             c = classes[int(pick * len(classes))]  # repeats give plural captions ("two kites")
         else:
-            c = int(pick * NUM_THINGS)
+            c = things[int(pick * len(things))]
         px = max(MIN_THING_PX, round((lo + rel * (hi - lo)) * size))
-        sprite = draw_thing(rng, THINGS[c], px, params.jitter)
+        sprite = draw_thing(rng, CLASSES[c], px, params.jitter)
         area = int(np.count_nonzero(sprite.mask))
         slack = px // 3 if partial < params.partial else 0
         for y0, x0 in (rng.random((MAX_PLACEMENT_TRIES, 2)) * (size - px + 2 * slack + 1) - slack).astype(int):
@@ -251,19 +253,20 @@ def render_single_object(rng: np.random.Generator, class_name: str, size: int = 
                          texture_seed: int = 0, jitter: float = 1.0) -> Scene:
     """One object near the centre, on a plain colour or on a stuff class's texture (by name)."""
     c = class_index(class_name)
-    if c >= NUM_THINGS:
+    spec = CLASSES[c]
+    if not isinstance(spec, ThingSpec):
         raise ValueError(f"{class_name!r} is a stuff class; render_single_object draws things")
     stuff: list[int] = []
     if isinstance(background, str):
         s = class_index(background) - NUM_THINGS
-        if s < 0:
+        if CLASSES[s + NUM_THINGS].kind != "stuff":
             raise ValueError(f"background {background!r} is not a stuff class")
         image = _stuff_layer(rng, s, size, texture_seed, jitter).copy()
         stuff = [NUM_THINGS + s]
     else:
         image = np.full((size, size), pack_rgb(np.asarray(background, np.uint8)))
     px = max(MIN_THING_PX, min(size, int(round(object_size * size))))
-    sprite = draw_thing(rng, THINGS[c], px, jitter)
+    sprite = draw_thing(rng, spec, px, jitter)
     lo, hi = max(0, (size - px) // 2 - size // 10), min(size - px, (size - px) // 2 + size // 10)
     y0, x0 = (int(t) for t in rng.integers(lo, hi + 1, 2))
     full = np.zeros((size, size), bool)

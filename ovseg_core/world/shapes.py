@@ -123,7 +123,54 @@ def cloud(u, v):
             | _box(u, v, -0.45, 0.45, 0.0, 0.57))
 
 
+# ---- the extra (wide-vocabulary) things' shapes
+
+def fish(u, v):
+    body = (u + 0.15) ** 2 / 0.62**2 + v * v / 0.4**2 <= 1
+    tail = (u >= 0.38) & (u <= 0.92) & (np.abs(v) <= (u - 0.38) * 0.95)
+    return body | tail
+
+
+def tree(u, v):
+    canopy = (v >= -0.9) & (v <= 0.38) & (np.abs(u) <= (v + 0.9) * 0.58)
+    trunk = _box(u, v, -0.15, 0.15, 0.38, 0.9)
+    return canopy | trunk
+
+
+def house(u, v):
+    body = _box(u, v, -0.55, 0.55, -0.05, 0.75)
+    roof = (v <= -0.05) & (np.abs(u) <= (v + 0.78) * 1.0)
+    return body | roof
+
+
+def hat(u, v):
+    return _box(u, v, -0.9, 0.9, 0.18, 0.38) | _box(u, v, -0.5, 0.5, -0.58, 0.18)
+
+
+def lamp(u, v):
+    shade = (v >= -0.85) & (v <= -0.2) & (np.abs(u) <= 0.3 + (v + 0.85) * 0.6)
+    return shade | _box(u, v, -0.07, 0.07, -0.2, 0.6) | _box(u, v, -0.45, 0.45, 0.6, 0.8)
+
+
+def key(u, v):
+    head = _disc(u, v, -0.5, 0.0, 0.4) & ~_disc(u, v, -0.5, 0.0, 0.17)
+    shaft = _box(u, v, -0.12, 0.9, -0.08, 0.08)
+    teeth = _box(u, v, 0.5, 0.62, 0.08, 0.32) | _box(u, v, 0.75, 0.87, 0.08, 0.32)
+    return head | shaft | teeth
+
+
+def bell(u, v):
+    dome = _disc(u, v, 0, -0.25, 0.5) & (v <= -0.25)
+    body = (v >= -0.25) & (v <= 0.5) & (np.abs(u) <= 0.5 + (v + 0.25) * 0.4)
+    return dome | body | _disc(u, v, 0, 0.68, 0.18)
+
+
+def mushroom(u, v):
+    cap = _disc(u, v, 0, 0.05, 0.88) & (v <= 0.05)
+    return cap | _box(u, v, -0.26, 0.26, 0.05, 0.82)
+
+
 SHAPES: dict[str, ShapeFn] = {
     f.__name__: f for f in (circle, ring, square, triangle, diamond, crescent, heart, chair, chevron, bottle,
-                            umbrella, boat, car, cup, sign, cloud)
+                            umbrella, boat, car, cup, sign, cloud, fish, tree, house, hat, lamp, key, bell, mushroom)
 }

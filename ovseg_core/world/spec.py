@@ -2,8 +2,14 @@
 
 Every thing class has its own shape, base hue (neighbouring hues also differ in brightness) and
 surface pattern, so that a tiny CLIP trained from scratch can tell them apart even under jitter.
-Stuff classes are textured background regions with their own colour and texture. The order of
-`CLASSES` (things, then stuff) is the class order of every file the world writes.
+Stuff classes are textured background regions with their own colour and texture.
+
+The *base* vocabulary (`THINGS` + `STUFF`) is what the COCO-like training split and the default held-out sets
+show. `EXTRA_THINGS` widen it: they appear in the web split (CLIP's pretraining data, as the web names far more
+concepts than COCO) and in held-out sets with `vocabulary: wide`, never in the training split, its labels or its
+captions, as most of ADE-847's and Pascal Context-459's classes are absent from COCO. The order of `CLASSES`
+(base things, stuff, extra things) is the class order of every file the world writes; a set's classes are a
+prefix of it.
 """
 from __future__ import annotations
 
@@ -86,9 +92,36 @@ STUFF: tuple[StuffSpec, ...] = (
               ("on the {n}", "in the brown {n}", "on dry {n}"), synonyms=("earth", "soil")),
 )
 
-CLASSES: tuple[ClassSpec, ...] = THINGS + STUFF
+# Each sits between two base hues, and is darker than every base thing (value 0.38 vs >= 0.60), so that no
+# colour overlaps under jitter; their patterns are pale, and their shapes are their own.
+EXTRA_THINGS: tuple[ThingSpec, ...] = (
+    ThingSpec("fish", "fish", "animal", "fish", 10, 0.80, 0.38, "red", "stripes", 90, "light"),
+    ThingSpec("tree", "trees", "plant", "tree", 100, 0.80, 0.38, "green", "dots", 0, "light"),
+    ThingSpec("house", "houses", "building", "house", 149, 0.75, 0.38, "green", "checker", 45, "light"),
+    ThingSpec("hat", "hats", "accessory", "hat", 194, 0.80, 0.38, "blue", "stripes", 0, "light"),
+    ThingSpec("lamp", "lamps", "indoor", "lamp", 237, 0.80, 0.38, "blue", "dots", 0, "light"),
+    ThingSpec("key", "keys", "indoor", "key", 283, 0.80, 0.38, "purple", "solid", 0, "light"),
+    ThingSpec("bell", "bells", "indoor", "bell", 305, 0.80, 0.38, "purple", "checker", 0, "light"),
+    ThingSpec("mushroom", "mushrooms", "food", "mushroom", 349, 0.75, 0.38, "red", "stripes", 45, "light"),
+)
+
+BASE_CLASSES: tuple[ClassSpec, ...] = THINGS + STUFF
+CLASSES: tuple[ClassSpec, ...] = BASE_CLASSES + EXTRA_THINGS
 CLASS_INDEX: dict[str, int] = {c.name: i for i, c in enumerate(CLASSES)}
 NUM_THINGS = len(THINGS)
+Vocabulary = Literal["base", "wide"]
+VOCABULARIES: tuple[str, ...] = ("base", "wide")
+
+
+def vocabulary_classes(vocabulary: Vocabulary) -> tuple[ClassSpec, ...]:
+    """The classes a split with this vocabulary shows and labels, in label order (a prefix of CLASSES)."""
+    return BASE_CLASSES if vocabulary == "base" else CLASSES
+
+
+def thing_classes(vocabulary: Vocabulary) -> list[int]:
+    """Indices into CLASSES of the things a split with this vocabulary draws from."""
+    extra = range(len(BASE_CLASSES), len(CLASSES)) if vocabulary == "wide" else range(0)
+    return [*range(NUM_THINGS), *extra]
 
 # Four things and two stuff classes of varied look that the segmenter never sees labelled.
 DEFAULT_UNSEEN: tuple[str, ...] = ("pizza", "umbrella", "clock", "sheep", "sand", "snow")

@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ..atomic import atomic_file, write_json, write_text
-from .spec import CLASSES, coco_category_id
+from .spec import CLASSES, ClassSpec, coco_category_id
 
 ADE_DIR = "ADEChallengeData2016"
 
@@ -88,8 +88,9 @@ def write_coco_json(path: Path, description: str, images: list[dict], annotation
     write_json(path, obj, indent=None)
 
 
-def write_object_info(ade_dir: Path, ratios: Sequence[float], train: Sequence[int], val: Sequence[int]) -> None:
-    """ADE's two class files for the world's classes, in the official formats (columns Idx,Ratio,Train,Val,Name;
+def write_object_info(ade_dir: Path, classes: Sequence[ClassSpec], ratios: Sequence[float], train: Sequence[int],
+                      val: Sequence[int]) -> None:
+    """ADE's two class files for a set's classes (a prefix of spec.CLASSES), in the official formats (columns Idx,Ratio,Train,Val,Name;
     Idx is the label value, Ratio the class's pixel fraction in this set, Train/Val the numbers of training
     (coco split) and validation images that contain it):
 
@@ -97,9 +98,9 @@ def write_object_info(ade_dir: Path, ratios: Sequence[float], train: Sequence[in
     - `objectInfo{K}.csv`, as the sceneparsing repository's objectInfo150.csv: comma-separated, with ';'
       between synonyms *and* between the words of a name ("wall;brick;wall").
     """
-    k = len(CLASSES)
+    k = len(classes)
     rows = [(i + 1, f"{ratios[i]:.4f}", int(train[i]), int(val[i]), (spec.name,) + spec.synonyms)
-            for i, spec in enumerate(CLASSES)]
+            for i, spec in enumerate(classes)]
     txt, table = ade_dir / f"objectInfo{k}.txt", ade_dir / f"objectInfo{k}.csv"
     write_text(txt, "".join(f"{i}\t{r}\t{t}\t{v}\t{', '.join(names)}\n"
                             for i, r, t, v, names in [("Idx", "Ratio", "Train", "Val", ("Name",)), *rows]))
