@@ -1,7 +1,7 @@
 """The whole chain over several seeds, and the paper's claims judged from them, not from one run.
 
     python -m scripts.multi_seed run --seeds 0 1 2     # each seed not yet collected: the chain, then collect
-    python -m scripts.multi_seed run --seeds 0 1 2 --force --set 'ablations.prompt_depths=[1,6]'   # + Table 5
+    python -m scripts.multi_seed run --seeds 0 1 2 --force --set 'ablations.prompt_depths=[1,4]'   # + Table 5
     python -m scripts.multi_seed report                # reports/seeds.md and reports/seeds.json
 
 `run` reproduces the chain once per seed on the same world: for params.yaml's own `seed` a plain `dvc repro`, for
@@ -84,8 +84,15 @@ CLAIMS = (
     Claim("ensemble > CLIP's class prediction alone", "Table 6", ("ft-mpt", "ensemble", "mIoU"),
           ("ft-mpt", "clip", "mIoU")),
 )
-# Table 5 (w/o FT): the default depth and those of `ablations.prompt_depths: [1, 6]`
-DEPTH_VARIANTS = {1: depth_variant(1), 3: "mpt", 6: depth_variant(6)}
+DEFAULT_DEPTH = 3  # `mpt`'s prompt depth (params.yaml adapt_clip.variants.mpt); Table 5 compares the others to it
+
+
+def depth_variants(seeds: dict[int, dict[str, Any]]) -> dict[int, str]:
+    """Table 5 (w/o FT): {depth: variant} of `mpt` and of every `ablations.prompt_depths` variant all seeds evaluated."""
+    common = set.intersection(*(set(r["evaluations"]) for r in seeds.values())) if seeds else set()
+    prefix = depth_variant(0)[:-1]
+    found = {int(v[len(prefix):]): v for v in common if v.startswith(prefix) and v[len(prefix):].isdigit()}
+    return {**found, DEFAULT_DEPTH: "mpt"} if "mpt" in common else found
 
 
 def verdict(differences: Sequence[float], z: float = Z) -> dict[str, Any]:
@@ -128,18 +135,20 @@ def judge(seeds: dict[int, dict[str, Any]], dataset: str, wide: str | None = Non
                  "worse": "/".join(claim.worse), "differences": [round(d, 4) for d in diffs]}
         missing = "not evaluated" + ("" if on else ": no larger-vocabulary set (report.larger_vocabulary)")
         judged.append({**entry, **(verdict(diffs) if diffs else {"seeds": 0, "verdict": missing})})
-    depths = {d: v for d, v in DEPTH_VARIANTS.items() if all(v in r["evaluations"] for r in seeds.values())}
-    if len(depths) > 1:
-        # "roughly flat": no depth differs from the default depth 3 by more than the noise
+    depths = depth_variants(seeds)
+    if len(depths) > 1 and DEFAULT_DEPTH in depths:
+        # "roughly flat": no depth differs from the default depth by more than the noise
         others = [verdict([score(r, dataset, (v, "ensemble", "mIoU")) - score(r, dataset, ("mpt", "ensemble", "mIoU"))
-                           for r in seeds.values()]) for d, v in depths.items() if d != 3]
+                           for r in seeds.values()]) for d, v in sorted(depths.items()) if d != DEFAULT_DEPTH]
         flat = all(o["verdict"] == "within noise" for o in others)
-        judged.append({"claim": "prompt depth roughly flat (depth 1 and 6 vs 3)", "paper": "Table 5", "dataset": dataset,
+        named = " and ".join(str(d) for d in sorted(depths) if d != DEFAULT_DEPTH)
+        judged.append({"claim": f"prompt depth roughly flat (depth {named} vs {DEFAULT_DEPTH})", "paper": "Table 5",
+                       "dataset": dataset,
                        "differences": [round(o["mean"], 4) for o in others], "seeds": len(seeds),
                        "verdict": "holds" if flat else "not flat"})
     else:
         judged.append({"claim": "prompt depth roughly flat", "paper": "Table 5", "seeds": 0,
-                       "verdict": "not evaluated: the depth ablation did not run (ablations.prompt_depths: [1, 6])"})
+                       "verdict": "not evaluated: the depth ablation did not run (ablations.prompt_depths: [1, 4])"})
     return judged
 
 
@@ -319,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--seeds", type=int, nargs="+", required=True)
     r.add_argument("--force", action="store_true", help="rerun seeds that are collected already")
     r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="a params.yaml change for every seed (dvc exp run -S syntax), e.g. 'ablations.prompt_depths=[1,6]'")
+                   help="a params.yaml change for every seed (dvc exp run -S syntax), e.g. 'ablations.prompt_depths=[1,4]'")
     sub.add_parser("report", help="aggregate reports/seeds/seed-*/ into reports/seeds.md and reports/seeds.json")
     args = ap.parse_args(argv)
     params = yaml.safe_load(Path("params.yaml").read_text())

@@ -221,12 +221,13 @@ class Report:
         columns = [c for c in TABLE5_COLUMNS if c in columns_cfg]
         for c in columns_cfg:
             paper_row(dict.fromkeys(TABLE5_COLUMNS), "table5", c)
-            for depth in columns_cfg[c]:
-                paper_row(TABLE5, f"table5.{c}", int(depth))
         header = ["prompt depth"] + [f"{c}: {d} mIoU" for c in columns for d in self.datasets]
         header += [f"paper A-150 {c}" for c in TABLE5_COLUMNS]
+        # the paper's depths (of ViT-L's 24 layers), and any other depth our ablation ran (e.g. all 4 of ours)
+        depths = sorted(set(TABLE5) | {int(d) for c in columns for d in columns_cfg[c]})
         rows = []
-        for depth, paper in TABLE5.items():
+        for depth in depths:
+            paper = TABLE5.get(depth, (None,) * len(TABLE5_COLUMNS))
             ours = []
             for c in columns:
                 variant = {int(k): v for k, v in columns_cfg[c].items()}.get(depth)

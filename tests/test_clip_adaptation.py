@@ -12,18 +12,22 @@ pretrained box 70 % / masked 52 %, after FT 100 %, after MPT 75 % (chance 25 %).
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from ovseg_core.clip.adapted import AdaptedClip
-from ovseg_core.clip.models import ClipBundle, load_clip, save_clip
+from ovseg_core.clip.models import MODEL_CONFIG_DIR, ClipBundle, load_clip, register_model_configs, save_clip
 from ovseg_core.clip.mpt import MaskPrompts
 from ovseg_core.clip.text import text_features
 from ovseg_core.clip.train import ClipTrainConfig, ClipTrainResult, DedupClipLoss, train_clip
 from ovseg_core.crops import masked_crops
 
 torch.set_num_threads(1)
-ARCH = "ovseg-tiny-vit"
+# The toy's figures were chosen with the 6-layer tiny ViT (the embedded recipe's until it went to 4 layers); a
+# 4-layer one learns this toy in a few steps to ~100 % on masked crops too, which removes the premise.
+ARCH = "ovseg-tiny-vit-6l"
 NOUNS = ["cat", "dog", "teapot", "grass"]
 COLOURS = torch.tensor([[220, 40, 40], [40, 200, 40], [40, 60, 220], [230, 220, 40]], dtype=torch.float32)
 SIDE, BLOCK = 96, 12
@@ -87,6 +91,11 @@ def toy(tmp_path_factory):
     """The briefly pretrained CLIP (a file, so each mode starts from the same weights), the toy's sets, and
     (accuracy, loss) on the held-out sets before and after pretraining."""
     root = tmp_path_factory.mktemp("toy")
+    config = json.loads((MODEL_CONFIG_DIR / "ovseg-tiny-vit.json").read_text())
+    config["vision_cfg"]["layers"] = 6
+    (root / "configs").mkdir()
+    (root / "configs" / f"{ARCH}.json").write_text(json.dumps(config))
+    register_model_configs(root / "configs")
     torch.manual_seed(0)
     bundle = load_clip(ARCH)
     sets = {"boxes": RingCrops(256, 1, bundle, box=True), "masked": RingCrops(256, 2, bundle, box=False),

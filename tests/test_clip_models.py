@@ -14,7 +14,7 @@ def test_tiny_architecture_is_registered_with_open_clip():
     bundle = load_clip("ovseg-tiny-vit")
     visual = bundle.model.visual
     assert (bundle.image_size, bundle.embed_dim, bundle.arch) == (64, 128, "ovseg-tiny-vit")
-    assert visual.patch_size == (8, 8) and len(visual.transformer.resblocks) == 6
+    assert visual.patch_size == (8, 8) and len(visual.transformer.resblocks) == 4
     assert bundle.mean == open_clip.OPENAI_DATASET_MEAN and bundle.std == open_clip.OPENAI_DATASET_STD
     tokens = bundle.tokenize(["a photo of a teapot."])
     assert tokens.shape == (1, 24)

@@ -28,7 +28,7 @@ def test_zero_prompts_and_full_masks_equal_plain_clip(bundle):
     full = torch.ones(3, 64, 64, dtype=torch.bool)
     with torch.no_grad():
         plain = bundle.model.encode_image(images, normalize=True)
-        for depth in (1, 3, 6):
+        for depth in (1, 3, 4):
             prompts = MaskPrompts.for_visual(bundle.model.visual, depth)
             assert torch.equal(encode_masked(bundle, images, full, prompts), plain)
         assert torch.equal(encode_masked(bundle, images), plain)
@@ -99,7 +99,7 @@ def test_deep_prompts_replace_background_tokens_at_chosen_layers(bundle):
 
 
 def test_prompt_depth_limits(bundle):
-    for depth in (1, 3, 6):
+    for depth in (1, 3, 4):
         width = bundle.model.visual.transformer.width
         assert MaskPrompts.for_visual(bundle.model.visual, depth).mask_embedding.shape == (depth, 64, width)
     with pytest.raises(ValueError, match="exceeds"):

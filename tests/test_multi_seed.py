@@ -81,6 +81,21 @@ def test_claims_are_judged_from_the_seeds(three_seeds):
     assert with_wide["MPT > original CLIP"] == {**judged["MPT > original CLIP"]}  # the base-set claims stay
 
 
+def test_prompt_depth_is_judged_on_every_depth_all_seeds_evaluated(three_seeds):
+    """Table 5: the depth variants the seeds evaluated (here 1 and 4, besides mpt's 3) are each compared to depth 3;
+    flat when none differs beyond the noise."""
+    for seed, offsets in enumerate([(0.5, -0.5), (-1.0, 1.0), (0.2, 0.1)]):
+        for depth, offset in zip((1, 4), offsets):
+            mpt = json.loads((three_seeds / f"seed-{seed}/evaluate/mpt.json").read_text())
+            mpt[DATASET]["ensemble"]["mIoU"] += offset
+            (three_seeds / f"seed-{seed}/evaluate/mpt-depth-{depth}.json").write_text(json.dumps(mpt))
+    judged = {j["claim"]: j for j in judge(load_seeds(three_seeds), DATASET)}
+    flat = judged["prompt depth roughly flat (depth 1 and 4 vs 3)"]
+    assert flat["verdict"] == "holds" and flat["differences"] == [pytest.approx(-0.1), pytest.approx(0.2)]
+    (three_seeds / "seed-2/evaluate/mpt-depth-4.json").unlink()  # depth 4 not in every seed: only depth 1 is judged
+    assert "prompt depth roughly flat (depth 1 vs 3)" in {j["claim"] for j in judge(load_seeds(three_seeds), DATASET)}
+
+
 def test_report_lists_verdicts_and_every_score_as_mean_and_std(three_seeds, tmp_path):
     record = write_report(tmp_path / "seeds.md", tmp_path / "seeds.json", DATASET, three_seeds)
     text = (tmp_path / "seeds.md").read_text()
@@ -145,12 +160,12 @@ def test_a_setting_for_every_seed_runs_each_as_an_experiment_and_removes_what_on
             Path("params.yaml").write_text("seed: 9\n")
 
     monkeypatch.setattr(multi_seed, "sh", fake_sh)
-    multi_seed.run_seeds([0, 1], Path("reports/seeds"), force=False, sets=["ablations.prompt_depths=[1,6]"])
+    multi_seed.run_seeds([0, 1], Path("reports/seeds"), force=False, sets=["ablations.prompt_depths=[1,4]"])
     runs = [c for c in commands if c[:3] == ("dvc", "exp", "run")]
     assert [c[c.index("-S") + 1] for c in runs] == ["seed=0", "seed=1"]
-    assert all("ablations.prompt_depths=[1,6]" in c and "--force" not in c for c in runs)  # no forced reruns
+    assert all("ablations.prompt_depths=[1,4]" in c and "--force" not in c for c in runs)  # no forced reruns
     assert ("dvc", "repro") not in commands
     assert Path("reports/seeds/seed-1/evaluate/mpt-depth-1.json").is_file()  # collected before the clean-up
     assert not Path("models").exists() and not Path("metrics/evaluate/mpt-depth-1.json").exists()
     assert Path("notes.txt").read_text() == "mine" and Path("params.yaml").read_text().startswith("seed: 0")
-    assert "--set 'ablations.prompt_depths=[1,6]'" in json.loads(Path("reports/seeds/runs.json").read_text())["command"]
+    assert "--set 'ablations.prompt_depths=[1,4]'" in json.loads(Path("reports/seeds/runs.json").read_text())["command"]

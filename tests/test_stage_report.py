@@ -134,8 +134,8 @@ def test_report_renders_headline_tables_and_figure(repo):
         "| (c) | ✓ | ✓ | `ft-mpt` | 21.2 (+9.2) | 9.0 (+1.7) | 29.6 (+7.8) | 55.7 (+4.3) |"
     assert row("| (a) | ✓ |  | `mpt` | 15.0 (+3.0) |")
     assert row("| OVSeg | `ft-mpt` |") == "| OVSeg | `ft-mpt` | 10.0 | 17.0 | 21.2 | 19.6 | 25.1 | 29.6 |"
-    # Table 5: depth 12 does not exist in a 6-layer ViT; depth 1 was not run
-    assert "n/a (ViT has 6 layers)" in row("| 12 |")
+    # Table 5: depth 12 does not exist in a 4-layer ViT; depth 1 was not run
+    assert "n/a (ViT has 4 layers)" in row("| 12 |")
     assert row("| 1 |") == "| 1 | not run (`mpt-depth1`) | 25.7 | 29.3 |"
     assert row("| 3 (default) |") == "| 3 (default) | 15.0 (`mpt`) | 26.5 | 29.6 |"
     # what is missing is listed; what exists is reported
@@ -157,11 +157,13 @@ def test_the_prompt_depth_ablation_fills_table5(repo):
     """`ablations.prompt_depths` adds its variants to Table 5 (MPT w/o FT) without a line in the report's tables."""
     write_json("metrics/evaluate/mpt-depth-1.json", evaluation(13.0))
     settings = {**SETTINGS, "tables": {**SETTINGS["tables"], "table5": {"w/o FT": {3: "mpt"}}}}
-    run(Recorder({"report": settings, "ablations": {"prompt_depths": [1, 6]}}))
+    run(Recorder({"report": settings, "ablations": {"prompt_depths": [1, 4]}}))
     text = Path("reports/report.md").read_text()
     row = {line.split(" |")[0]: line for line in text.splitlines() if line.startswith("| ")}
     assert row["| 1"] == "| 1 | 13.0 (`mpt-depth-1`) | 25.7 | 29.3 |"
-    assert row["| 6"].startswith("| 6 | not run (`mpt-depth-6`) |") and "mpt-depth-6.json" in text
+    # a depth the paper did not run (all 4 layers of ours) gets its own row, without paper numbers
+    assert row["| 4"] == "| 4 | not run (`mpt-depth-4`) | – | – |" and "mpt-depth-4.json" in text
+    assert list(row).index("| 4") == list(row).index("| 3 (default)") + 1
     assert row["| 3 (default)"] == "| 3 (default) | 15.0 (`mpt`) | 26.5 | 29.6 |"
     assert settings["tables"]["table5"] == {"w/o FT": {3: "mpt"}}
 
