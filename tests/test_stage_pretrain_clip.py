@@ -9,7 +9,7 @@ from ovseg_core.clip.models import load_clip
 from ovseg_core.clip.datasets import CaptionImageDataset, normalise, segment_probe
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.errors import DataError, MissingWeightsError
-from ovseg_core.world import CLASSES
+from ovseg_core.world import BASE_CLASSES
 from stages.common import StageContext, run_stage
 
 torch.set_num_threads(1)
@@ -63,7 +63,7 @@ def test_caption_dataset_pairs_every_caption_with_its_image(world):
 
 def test_segment_probe_cuts_every_region_three_ways(world):
     probe = segment_probe(world["eval"], 64, (0.5,) * 3, (0.25,) * 3, max_images=3)
-    assert probe.classes == [c.name for c in CLASSES] and probe.scenes.shape == (3, 3, 64, 64)
+    assert probe.classes == [c.name for c in BASE_CLASSES] and probe.scenes.shape == (3, 3, 64, 64)
     labels = [torch.from_numpy(world["eval"].load_label(i)) for i in range(3)]
     assert probe.scene_labels.tolist() == [int(torch.bincount(lab.flatten()).argmax()) for lab in labels]
     regions = sorted(c for lab in labels for c in lab.unique().tolist() if (lab == c).sum() >= 0.01 * lab.numel())
@@ -86,7 +86,7 @@ def test_stage_trains_resumes_and_writes_loadable_outputs(world, tmp_path):
     assert metrics["pairs"] == len(world["web"]) * world["captions_per_image"]
     assert metrics["train_samples"] == 3 * 8 and summary["samples_per_s"] > 0 and "samples_per_s" not in metrics
     assert summary["final_loss"] == metrics["final_loss"] and metrics["final_loss"] > 0
-    assert metrics["chance_acc"] == round(100 / len(CLASSES), 2) and metrics["probe_images"] == 3
+    assert metrics["chance_acc"] == round(100 / len(BASE_CLASSES), 2) and metrics["probe_images"] == 3
     for view in ("scene", "box", "masked"):
         assert 0 <= metrics[f"{view}_acc"] <= 100
         assert metrics[f"{view}_acc_seen"] is not None or metrics[f"{view}_acc_unseen"] is not None
