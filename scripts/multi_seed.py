@@ -297,11 +297,15 @@ def remove_new(files: set[Path]) -> None:
 
 
 def tracked_files(exclude: Path) -> dict[Path, bytes]:
-    """The bytes of every file git tracks outside `exclude` (a few MB: code, params, lock, metrics, plots).
+    """The bytes of every file git tracks, or would track (not ignored, not yet added), outside `exclude` (a few
+    MB: code, params, lock, metrics, plots).
 
     An experiment rewrites params.yaml and dvc.lock, and also the outputs DVC does not cache (metrics, plots, the
-    report), which `dvc checkout` cannot bring back; so they are kept here before the first experiment."""
-    names = subprocess.run(["git", "ls-files", "-z"], check=True, capture_output=True).stdout.decode().split("\0")
+    report), which `dvc checkout` cannot bring back; so they are kept here before the first experiment. Files not
+    yet added count too: a run's new uncached outputs (e.g. a new evaluation set's plots) are overwritten by the
+    experiments just the same."""
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], check=True,
+                           capture_output=True).stdout.decode().split("\0")
     files = (Path(n) for n in names if n)
     return {f: f.read_bytes() for f in files if f.is_file() and exclude.resolve() not in f.resolve().parents}
 

@@ -125,8 +125,15 @@ def test_the_workspace_is_put_back_after_the_experiments_except_the_collected_se
         Path(name).parent.mkdir(parents=True, exist_ok=True)
         Path(name).write_text(text)
     subprocess.run(["git", "add", "."], check=True)
+    # an uncached out the run wrote that git does not track yet (a new evaluation set's plot): kept as well
+    Path("plots/evaluate").mkdir(parents=True)
+    Path("plots/evaluate/world-wide.csv").write_text("seed 0\n")
+    Path(".gitignore").write_text("/ignored\n")
+    Path("ignored").write_text("x\n")
     kept = tracked_files(exclude=Path("reports/seeds"))
-    assert set(kept) == {Path(n) for n in files} - {Path("reports/seeds/runs.json")}
+    assert set(kept) == {Path(n) for n in files} - {Path("reports/seeds/runs.json")} | {
+        Path("plots/evaluate/world-wide.csv"), Path(".gitignore")}
+    Path("plots/evaluate/world-wide.csv").write_text("seed 2\n")
 
     Path("params.yaml").write_text("seed: 2\n")  # what `dvc exp run -S seed=2` leaves behind
     Path("metrics/evaluate/original.json").write_text('{"mIoU": 17.0}\n')
@@ -135,6 +142,7 @@ def test_the_workspace_is_put_back_after_the_experiments_except_the_collected_se
     restore(kept)
     for name in ("params.yaml", "metrics/evaluate/original.json", "reports/report.md"):
         assert Path(name).read_text() == files[name], name
+    assert Path("plots/evaluate/world-wide.csv").read_text() == "seed 0\n"
     assert Path("reports/seeds/runs.json").read_text() == '{"wall_s": {"2": 1000}}\n'
     assert not list(tmp_path.rglob(".*.tmp"))  # no temporary left beside a restored file
 
