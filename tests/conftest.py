@@ -275,3 +275,19 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         APILogWorker.drain_all(timeout=5)
         for instance in list(server.SubprocessASGIServer._instances.values()):
             instance.stop()
+
+
+def register_six_layer_tiny_vit(directory: Path) -> str:
+    """Register `ovseg-tiny-vit-6l` (the embedded CLIP with 6 vision layers, its architecture before 33bf576) with
+    open_clip from a config written to `directory`, for the tests whose cases were chosen with it; its name."""
+    import json
+
+    from ovseg_core.clip.models import MODEL_CONFIG_DIR, register_model_configs
+
+    config = json.loads((MODEL_CONFIG_DIR / "ovseg-tiny-vit.json").read_text())
+    config["vision_cfg"]["layers"] = 6
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ovseg-tiny-vit-6l.json").write_text(json.dumps(config))
+    register_model_configs(directory)
+    return "ovseg-tiny-vit-6l"
+

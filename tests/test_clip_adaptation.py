@@ -12,13 +12,12 @@ pretrained box 70 % / masked 52 %, after FT 100 %, after MPT 75 % (chance 25 %).
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from ovseg_core.clip.adapted import AdaptedClip
-from ovseg_core.clip.models import MODEL_CONFIG_DIR, ClipBundle, load_clip, register_model_configs, save_clip
+from conftest import register_six_layer_tiny_vit
+from ovseg_core.clip.models import ClipBundle, load_clip, save_clip
 from ovseg_core.clip.mpt import MaskPrompts
 from ovseg_core.clip.text import text_features
 from ovseg_core.clip.train import ClipTrainConfig, ClipTrainResult, DedupClipLoss, train_clip
@@ -91,11 +90,7 @@ def toy(tmp_path_factory):
     """The briefly pretrained CLIP (a file, so each mode starts from the same weights), the toy's sets, and
     (accuracy, loss) on the held-out sets before and after pretraining."""
     root = tmp_path_factory.mktemp("toy")
-    config = json.loads((MODEL_CONFIG_DIR / "ovseg-tiny-vit.json").read_text())
-    config["vision_cfg"]["layers"] = 6
-    (root / "configs").mkdir()
-    (root / "configs" / f"{ARCH}.json").write_text(json.dumps(config))
-    register_model_configs(root / "configs")
+    assert register_six_layer_tiny_vit(root / "configs") == ARCH
     torch.manual_seed(0)
     bundle = load_clip(ARCH)
     sets = {"boxes": RingCrops(256, 1, bundle, box=True), "masked": RingCrops(256, 2, bundle, box=False),

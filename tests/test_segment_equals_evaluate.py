@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import register_six_layer_tiny_vit
 from ovseg_core.cli import main
 from ovseg_core.clip.adapted import AdaptedClip, load_adapted, write_adapted
 from ovseg_core.clip.models import load_clip, save_clip
@@ -31,7 +32,11 @@ LAM, THRESHOLD = 0.55, 0.502
 def adapted(tiny_models, tmp_path_factory) -> Path:
     """An adapted-CLIP directory (as adapt_clip writes it) with non-zero mask prompts on the tiny CLIP."""
     out = tmp_path_factory.mktemp("ft-mpt")
-    clip = load_clip(tiny_models.clip_arch, tiny_models.clip)
+    # The case was chosen with the 6-layer tiny ViT: with the 4-layer one's random init the prompts move no label.
+    arch = register_six_layer_tiny_vit(out / "configs")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        clip = load_clip(arch)
     # The random-init CLIP's cosines differ by ~1e-3, so at scale 100 p_clip is uniform and the ensemble's labels
     # would be MaskFormer's whatever the CLIP branch does; a sharper scale lets λ, threshold and prompts count.
     clip.model.logit_scale.data.fill_(math.log(3000.0))
@@ -40,8 +45,8 @@ def adapted(tiny_models, tmp_path_factory) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(2)
         prompts = MaskPrompts.for_visual(visual, depth=len(visual.transformer.resblocks), init_std=0.5)
-    save_prompts(prompts, out / "prompts.pt", tiny_models.clip_arch)
-    write_adapted(out, "ft-mpt", tiny_models.clip_arch, out / "clip.pt", out / "prompts.pt")
+    save_prompts(prompts, out / "prompts.pt", arch)
+    write_adapted(out, "ft-mpt", arch, out / "clip.pt", out / "prompts.pt")
     return out
 
 
