@@ -2,6 +2,7 @@
 
     python -m scripts.multi_seed run --seeds 0 1 2     # each seed not yet collected: the chain, then collect
     python -m scripts.multi_seed run --seeds 0 1 2 --force --set 'ablations.prompt_depths=[1,4]'   # + Table 5
+    python -m scripts.multi_seed run --seeds 0 1 2 --jobs 2      # two seeds at a time (see run_queued)
     python -m scripts.multi_seed report                # reports/seeds.md and reports/seeds.json
 
 `run` reproduces the chain once per seed on the same world: for params.yaml's own `seed` a plain `dvc repro`, for
@@ -9,7 +10,8 @@ every other seed a DVC experiment, `dvc exp run -S seed=N --name seed-N`, which 
 reaches, not `world` and `prepare` (`dvc exp show` lists them with their headline metrics; each training stage's
 seed is offset by the run seed, see stages/common.py). `--set KEY=VALUE` (repeatable, `dvc exp run -S` syntax)
 changes params.yaml for every seed, e.g. to switch an ablation on; then every seed, params.yaml's own too, runs as
-an experiment. After each run the evaluation scores (`report.evaluations`) and the sweep's best cell are copied to
+an experiment. With `--jobs N` those experiments are queued and run N at a time, each in a temporary copy of the
+repository (`dvc exp run --run-all --jobs N`), then applied to the workspace one by one. After each run the evaluation scores (`report.evaluations`) and the sweep's best cell are copied to
 `reports/seeds/seed-N/` (a few KB, committed with the report), and at the end the workspace is put back to
 params.yaml's seed: every file git tracks (params.yaml, dvc.lock and the stages' uncached metrics, plots and report)
 as it was before the first experiment, then `dvc checkout` for the cached outputs; files an experiment added that
@@ -42,7 +44,8 @@ from typing import Any, Sequence
 import yaml
 
 from ovseg_core.atomic import atomic_file
-from stages.common import depth_variant
+from ovseg_core.compute import usable_cpus
+from stages.common import variant_depth
 
 SEEDS_DIR = Path("reports/seeds")
 METRICS = ("mIoU", "seen_mIoU", "unseen_mIoU", "hIoU")
@@ -90,8 +93,7 @@ DEFAULT_DEPTH = 3  # `mpt`'s prompt depth (params.yaml adapt_clip.variants.mpt);
 def depth_variants(seeds: dict[int, dict[str, Any]]) -> dict[int, str]:
     """Table 5 (w/o FT): {depth: variant} of `mpt` and of every `ablations.prompt_depths` variant all seeds evaluated."""
     common = set.intersection(*(set(r["evaluations"]) for r in seeds.values())) if seeds else set()
-    prefix = depth_variant(0)[:-1]
-    found = {int(v[len(prefix):]): v for v in common if v.startswith(prefix) and v[len(prefix):].isdigit()}
+    found = {depth: v for v in common if (depth := variant_depth(v)) is not None}
     return {**found, DEFAULT_DEPTH: "mpt"} if "mpt" in common else found
 
 
@@ -221,12 +223,13 @@ def write_report(out_md: Path, out_json: Path, dataset: str, root: Path = SEEDS_
     return record
 
 
-def sh(*cmd: str, check: bool = True) -> None:
-    """Run a command; `dvc` is this environment's, and so is dvc.yaml's `python`, also when it was not activated."""
+def sh(*cmd: str, check: bool = True, env: dict[str, str] | None = None) -> int:
+    """Run a command (with `env` added to the environment) and return its exit status; `dvc` is this
+    environment's, and so is dvc.yaml's `python`, also when it was not activated."""
     print("+", " ".join(cmd), flush=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run([str(Path(sys.executable).with_name("dvc")), *cmd[1:]] if cmd[0] == "dvc" else cmd, check=check,
-                   env=env)
+    full = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run([str(Path(sys.executable).with_name("dvc")), *cmd[1:]] if cmd[0] == "dvc" else cmd,
+                          check=check, env=full).returncode
 
 
 def collect(seed: int, params: dict[str, Any], root: Path) -> None:
@@ -242,40 +245,89 @@ def collect(seed: int, params: dict[str, Any], root: Path) -> None:
     tmp.rename(dest)
 
 
-def run_seeds(seeds: Sequence[int], root: Path, force: bool, sets: Sequence[str] = ()) -> None:
+def run_seeds(seeds: Sequence[int], root: Path, force: bool, sets: Sequence[str] = (), jobs: int = 1) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     own = int(params.get("seed") or 0)
     runs_file = root / "runs.json"
     meta = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
     meta.setdefault("wall_s", {})
-    meta.update(date=datetime.date.today().isoformat(), machine=machine(), sets=list(sets),
+    meta.update(date=datetime.date.today().isoformat(), machine=machine(), sets=list(sets), jobs=jobs,
                 command="python -m scripts.multi_seed run --seeds " + " ".join(map(str, seeds))
-                + (" --force" if force else "") + "".join(f" --set '{s}'" for s in sets))
+                + (" --force" if force else "") + "".join(f" --set '{s}'" for s in sets)
+                + (f" --jobs {jobs}" if jobs > 1 else ""))
     root.mkdir(parents=True, exist_ok=True)
     # params.yaml's own seed first, so that its results are what the workspace is put back to at the end
     todo = [s for s in sorted(seeds, key=lambda s: s != own) if force or not (root / f"seed-{s}").is_dir()]
     print(f"seeds to run: {todo or 'none'} (collected already: {sorted(set(seeds) - set(todo))})", flush=True)
     kept: dict[Path, bytes] = {}
     new_before = untracked()
+
+    def done(key: str, t0: float) -> None:
+        meta["wall_s"][key] = round(time.perf_counter() - t0, 1)
+        runs_file.write_text(json.dumps(meta, indent=1) + "\n")
+
     try:
-        for seed in todo:
+        if todo and own == todo[0] and not sets:  # params.yaml's own run, in the workspace as `dvc repro` runs it
             t0 = time.perf_counter()
-            if seed == own and not sets:
-                sh("dvc", "repro")
-            else:
+            sh("dvc", "repro")
+            collect(own, params, root)
+            done(str(own), t0)
+            todo = todo[1:]
+        if todo and jobs > 1:
+            kept = tracked_files(exclude=root)
+            t0 = time.perf_counter()
+            failed = run_queued(todo, sets, jobs)
+            for seed in todo:
+                if seed not in failed:
+                    sh("dvc", "exp", "apply", f"seed-{seed}")
+                    collect(seed, params, root)
+            done("+".join(map(str, todo)), t0)
+            if failed:
+                raise RuntimeError(f"the experiments of seeds {failed} failed (see `dvc queue logs seed-N`)")
+        else:
+            for seed in todo:
+                t0 = time.perf_counter()
                 kept = kept or tracked_files(exclude=root)
                 # `exp run` refuses a name an earlier experiment has; its --force would also rerun every stage
                 sh("dvc", "exp", "remove", f"seed-{seed}", check=False)
                 sh("dvc", "exp", "run", "-S", f"seed={seed}", *(a for s in sets for a in ("-S", s)),
                    "--name", f"seed-{seed}")
-            collect(seed, params, root)
-            meta["wall_s"][str(seed)] = round(time.perf_counter() - t0, 1)
-            runs_file.write_text(json.dumps(meta, indent=1) + "\n")
+                collect(seed, params, root)
+                done(str(seed), t0)
     finally:
         if kept:  # back to params.yaml's seed and its results
             restore(kept)
             sh("dvc", "checkout", "--force")
             remove_new({f for f in untracked() - new_before if root.resolve() not in f.resolve().parents})
+
+
+def run_queued(seeds: Sequence[int], sets: Sequence[str], jobs: int) -> list[int]:
+    """Every seed as a queued DVC experiment, `jobs` at a time, each in a temporary copy of the repository
+    (`dvc exp run --run-all --jobs`); returns the seeds whose experiment failed.
+
+    On the CPU, each experiment's stages get cores / jobs torch threads (`compute.threads`) and run one work unit at
+    a time (`prefect.max_workers`), so the runs share the cores instead of oversubscribing them. Neither setting is a
+    stage's DVC param: they change float rounding, not what a stage computes. Measured on 2 cores, two adaptations
+    side by side at one thread each took 74 s against 90 s one after the other at two threads: the single-threaded
+    parts of each stage (start-up, imports, data loading, DVC's bookkeeping) overlap with the other run's compute.
+    The stages report to this project's Prefect server and read its NLTK data, which the temporary copies lack."""
+    state = Path(os.environ.get("OVSEG_STATE_DIR", ".ovseg")).resolve()
+    env = {"OVSEG_STATE_DIR": str(state), "NLTK_DATA": str(state / "nltk_data")}
+    threads = max(1, usable_cpus() // jobs)
+    for seed in seeds:
+        sh("dvc", "exp", "remove", f"seed-{seed}", check=False)
+        sh("dvc", "exp", "run", "--queue", "-S", f"seed={seed}", "-S", f"compute.threads={threads}",
+           "-S", "prefect.max_workers=1", *(a for s in sets for a in ("-S", s)), "--name", f"seed-{seed}")
+    sh("dvc", "exp", "run", "--run-all", "--jobs", str(jobs), check=False, env=env)
+    finished = set(experiment_names())
+    return [s for s in seeds if f"seed-{s}" not in finished]
+
+
+def experiment_names() -> list[str]:
+    """The names of the experiments DVC holds on the current commit."""
+    out = subprocess.run([str(Path(sys.executable).with_name("dvc")), "exp", "list", "--name-only"], check=True,
+                         capture_output=True, text=True).stdout
+    return out.split()
 
 
 def untracked() -> set[Path]:
@@ -333,11 +385,16 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--force", action="store_true", help="rerun seeds that are collected already")
     r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="a params.yaml change for every seed (dvc exp run -S syntax), e.g. 'ablations.prompt_depths=[1,4]'")
+    r.add_argument("--jobs", type=int, default=1,
+                   help="seeds run at once, each a queued DVC experiment in a temporary copy (default: one after another)")
     sub.add_parser("report", help="aggregate reports/seeds/seed-*/ into reports/seeds.md and reports/seeds.json")
     args = ap.parse_args(argv)
     params = yaml.safe_load(Path("params.yaml").read_text())
     if args.cmd == "run":
-        run_seeds(args.seeds, SEEDS_DIR, args.force, args.sets)
+        from flows.server import start  # every seed's stages report to this project's Prefect server
+
+        os.environ.setdefault("PREFECT_API_URL", start())
+        run_seeds(args.seeds, SEEDS_DIR, args.force, args.sets, args.jobs)
     dataset = params["report"]["datasets"][0]
     out_md = Path(params["report"].get("seeds") or "reports/seeds.md")
     record = write_report(out_md, out_md.with_suffix(".json"), dataset, wide=params["report"].get("larger_vocabulary"))

@@ -37,9 +37,18 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     return params
 
 
+DEPTH_VARIANT_PREFIX = "mpt-depth-"
+
+
 def depth_variant(depth: int) -> str:
     """The variant `ablations.prompt_depths` adds for one depth (Table 5: `mpt` at that prompt depth)."""
-    return f"mpt-depth-{int(depth)}"
+    return f"{DEPTH_VARIANT_PREFIX}{int(depth)}"
+
+
+def variant_depth(variant: str) -> int | None:
+    """The prompt depth of a `depth_variant` name; None for any other variant."""
+    rest = variant.removeprefix(DEPTH_VARIANT_PREFIX)
+    return int(rest) if rest != variant and rest.isdigit() else None
 
 
 def ablation_variants(params: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:

@@ -147,15 +147,20 @@ def test_the_workspace_is_put_back_after_the_experiments_except_the_collected_se
     assert not list(tmp_path.rglob(".*.tmp"))  # no temporary left beside a restored file
 
 
-def test_a_setting_for_every_seed_runs_each_as_an_experiment_and_removes_what_only_it_added(tmp_path, monkeypatch):
-    """`--set` goes to every seed's `dvc exp run`, params.yaml's own seed too (a plain `dvc repro` would not apply
-    it); afterwards the outputs of stages only the setting added are gone, a file the user had is not."""
+def workspace(tmp_path: Path, monkeypatch, scores: str) -> None:
+    """A git repository in `tmp_path` (the working directory) with params.yaml and one committed evaluation score."""
     monkeypatch.chdir(tmp_path)
     subprocess.run(["git", "init", "-q"], check=True)
     Path("params.yaml").write_text("seed: 0\nreport: {evaluations: metrics/evaluate, sweep: metrics/sweep.json}\n")
     Path("metrics/evaluate").mkdir(parents=True)
-    Path("metrics/evaluate/mpt.json").write_text("{}")
+    Path("metrics/evaluate/mpt.json").write_text(scores)
     subprocess.run(["git", "add", "."], check=True)
+
+
+def test_a_setting_for_every_seed_runs_each_as_an_experiment_and_removes_what_only_it_added(tmp_path, monkeypatch):
+    """`--set` goes to every seed's `dvc exp run`, params.yaml's own seed too (a plain `dvc repro` would not apply
+    it); afterwards the outputs of stages only the setting added are gone, a file the user had is not."""
+    workspace(tmp_path, monkeypatch, "{}")
     Path("notes.txt").write_text("mine")  # untracked before the run: kept
     commands = []
 
@@ -177,3 +182,43 @@ def test_a_setting_for_every_seed_runs_each_as_an_experiment_and_removes_what_on
     assert not Path("models").exists() and not Path("metrics/evaluate/mpt-depth-1.json").exists()
     assert Path("notes.txt").read_text() == "mine" and Path("params.yaml").read_text().startswith("seed: 0")
     assert "--set 'ablations.prompt_depths=[1,4]'" in json.loads(Path("reports/seeds/runs.json").read_text())["command"]
+
+
+def test_jobs_queue_the_seeds_as_experiments_that_share_the_cores_then_apply_and_collect_each(tmp_path, monkeypatch):
+    """`--jobs 2`: params.yaml's own seed runs as `dvc repro` in the workspace; the others are queued experiments
+    run two at a time, each stage at cores / 2 threads and one work unit at a time; each finished one is applied and
+    collected; a failed one is named in the error and the workspace is put back all the same."""
+    workspace(tmp_path, monkeypatch, '{"seed": 0}')
+    commands, queued = [], []
+
+    def fake_sh(*cmd, check=True, env=None):
+        commands.append((cmd, env))
+        if cmd[:4] == ("dvc", "exp", "run", "--queue"):
+            queued.append(cmd[cmd.index("--name") + 1])
+        if cmd[:3] == ("dvc", "exp", "apply"):
+            Path("metrics/evaluate/mpt.json").write_text('{"seed": %s}' % cmd[3].removeprefix("seed-"))
+            Path("params.yaml").write_text(f"seed: {cmd[3].removeprefix('seed-')}\n")
+        return 0
+
+    monkeypatch.setattr(multi_seed, "sh", fake_sh)
+    monkeypatch.setattr(multi_seed, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(multi_seed, "experiment_names", lambda: [n for n in queued if n != "seed-3"])
+    with pytest.raises(RuntimeError, match=r"seeds \[3\] failed"):
+        multi_seed.run_seeds([0, 1, 2, 3], Path("reports/seeds"), force=False, jobs=2)
+    cmds = [c for c, _ in commands]
+    assert cmds[0] == ("dvc", "repro")
+    assert queued == ["seed-1", "seed-2", "seed-3"]
+    for cmd in cmds:
+        if cmd[:4] == ("dvc", "exp", "run", "--queue"):
+            assert {"compute.threads=1", "prefect.max_workers=1"} <= set(cmd)
+    run_all = [(c, e) for c, e in commands if c[:4] == ("dvc", "exp", "run", "--run-all")]
+    assert len(run_all) == 1 and run_all[0][0][-2:] == ("--jobs", "2")
+    assert run_all[0][1]["NLTK_DATA"].endswith("nltk_data") and Path(run_all[0][1]["OVSEG_STATE_DIR"]).is_absolute()
+    assert [c[3] for c in cmds if c[:3] == ("dvc", "exp", "apply")] == ["seed-1", "seed-2"]
+    for seed in (0, 1, 2):
+        assert json.loads(Path(f"reports/seeds/seed-{seed}/evaluate/mpt.json").read_text()) == {"seed": seed}
+    assert not Path("reports/seeds/seed-3").exists()
+    assert Path("params.yaml").read_text().startswith("seed: 0") and cmds[-1] == ("dvc", "checkout", "--force")
+    assert Path("metrics/evaluate/mpt.json").read_text() == '{"seed": 0}'
+    runs = json.loads(Path("reports/seeds/runs.json").read_text())
+    assert set(runs["wall_s"]) == {"0", "1+2+3"} and runs["command"].endswith("--jobs 2")

@@ -15,7 +15,7 @@ from ovseg_core.clip.models import load_clip
 from ovseg_core.clip.pairs import MinedPairSamples
 from ovseg_core.clip.train import ClipTrainConfig, train_clip
 from stages.adapt_clip import TRAIN_KEYS
-from stages.common import StageContext, run_stage
+from stages.common import StageContext, depth_variant, run_stage, variant_depth
 from test_reproducible_outs import adapt_setup
 
 
@@ -68,6 +68,8 @@ def test_the_prompt_depth_ablation_adds_the_mpt_variant_at_each_listed_depth():
     with pytest.raises(KeyError, match="no 'mpt-depth-1'"):  # switched off: none
         StageContext("adapt_clip", {**params, "ablations": {"prompt_depths": []}}, "mpt-depth-1").variant_params(
             "adapt_clip")
+    assert [variant_depth(depth_variant(d)) for d in (1, 12)] == [1, 12]  # the name and its depth, both ways
+    assert [variant_depth(v) for v in ("mpt", "ft-mpt", "mpt-depth-", "mpt-depth-x")] == [None] * 4
 
 
 def test_ft_then_mpt_trains_prompts_on_the_fine_tuned_weights(params, tiny_models, tiny_mined):

@@ -11,7 +11,7 @@ from .spec import (BASE_CLASSES, CLASSES, DEFAULT_UNSEEN, EXTRA_THINGS, NUM_THIN
                    coco_category_id)
 
 __all__ = [
-    "BASE_CLASSES", "CLASSES", "DEFAULT_UNSEEN", "EXTRA_THINGS", "EvalSetConfig", "GENERATOR_VERSION", "NUM_THINGS", "STUFF", "SceneParams", "Scene",
-    "THINGS", "WorldConfig", "class_index", "coco_category_id", "generate_world", "make_captions",
-    "render_scene", "render_single_object", "scene_rng", "seen_flags", "split_scene",
+    "BASE_CLASSES", "CLASSES", "DEFAULT_UNSEEN", "EXTRA_THINGS", "EvalSetConfig", "GENERATOR_VERSION", "NUM_THINGS",
+    "STUFF", "SceneParams", "Scene", "THINGS", "WorldConfig", "class_index", "coco_category_id", "generate_world",
+    "make_captions", "render_scene", "render_single_object", "scene_rng", "seen_flags", "split_scene",
 ]

@@ -10,6 +10,11 @@ from ..errors import DataError
 from .spec import BASE_CLASSES, CLASS_INDEX, DEFAULT_UNSEEN, STUFF, VOCABULARIES
 
 
+def _check_vocabulary(value: str, source: str | Path, key: str) -> None:
+    if value not in VOCABULARIES:
+        raise DataError(source, f"{key} must be one of {list(VOCABULARIES)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SceneParams:
     """How scenes of one split are composed; the eval sets change these to create distribution shift."""
@@ -114,9 +119,7 @@ class WorldConfig:
             why = f" ({extra}: extra things, never in the training split, so always unseen)" if extra else ""
             raise DataError(source, f"world.unseen names classes outside the base vocabulary {unknown}{why}; "
                                     f"known: {base}")
-        if self.web_vocabulary not in VOCABULARIES:
-            raise DataError(source, f"world.web_vocabulary must be one of {list(VOCABULARIES)}, "
-                                    f"got {self.web_vocabulary!r}")
+        _check_vocabulary(self.web_vocabulary, source, "world.web_vocabulary")
         for kind in ("thing", "stuff"):
             if all(c.name in self.unseen for c in BASE_CLASSES if c.kind == kind):
                 raise DataError(source, f"world.unseen leaves no seen {kind} class to train on")
@@ -137,9 +140,7 @@ class WorldConfig:
             if not name or "/" in name:
                 raise DataError(source, f"world.eval_sets: bad set name {name!r}")
             es.validate(source, f"world.eval_sets.{name}")
-            if es.vocabulary not in VOCABULARIES:
-                raise DataError(source, f"world.eval_sets.{name}.vocabulary must be one of {list(VOCABULARIES)}, "
-                                        f"got {es.vocabulary!r}")
+            _check_vocabulary(es.vocabulary, source, f"world.eval_sets.{name}.vocabulary")
             if es.images < 1 or (es.image_size is not None and es.image_size < 32):
                 raise DataError(source, f"world.eval_sets.{name}: images must be >= 1 and image_size >= 32")
 

@@ -258,11 +258,11 @@ def render_single_object(rng: np.random.Generator, class_name: str, size: int = 
         raise ValueError(f"{class_name!r} is a stuff class; render_single_object draws things")
     stuff: list[int] = []
     if isinstance(background, str):
-        s = class_index(background) - NUM_THINGS
-        if CLASSES[s + NUM_THINGS].kind != "stuff":
+        b = class_index(background)
+        if CLASSES[b].kind != "stuff":
             raise ValueError(f"background {background!r} is not a stuff class")
-        image = _stuff_layer(rng, s, size, texture_seed, jitter).copy()
-        stuff = [NUM_THINGS + s]
+        image = _stuff_layer(rng, b - NUM_THINGS, size, texture_seed, jitter).copy()
+        stuff = [b]
     else:
         image = np.full((size, size), pack_rgb(np.asarray(background, np.uint8)))
     px = max(MIN_THING_PX, min(size, int(round(object_size * size))))

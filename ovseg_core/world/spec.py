@@ -14,7 +14,7 @@ prefix of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Kind = Literal["thing", "stuff"]
 Pattern = Literal["solid", "stripes", "dots", "checker"]
@@ -110,7 +110,7 @@ CLASSES: tuple[ClassSpec, ...] = BASE_CLASSES + EXTRA_THINGS
 CLASS_INDEX: dict[str, int] = {c.name: i for i, c in enumerate(CLASSES)}
 NUM_THINGS = len(THINGS)
 Vocabulary = Literal["base", "wide"]
-VOCABULARIES: tuple[str, ...] = ("base", "wide")
+VOCABULARIES: tuple[str, ...] = get_args(Vocabulary)
 
 
 def vocabulary_classes(vocabulary: Vocabulary) -> tuple[ClassSpec, ...]:
