@@ -11,7 +11,8 @@ reaches, not `world` and `prepare` (`dvc exp show` lists them with their headlin
 seed is offset by the run seed, see stages/common.py). `--set KEY=VALUE` (repeatable, `dvc exp run -S` syntax)
 changes params.yaml for every seed, e.g. to switch an ablation on; then every seed, params.yaml's own too, runs as
 an experiment. With `--jobs N` those experiments are queued and run N at a time, each in a temporary copy of the
-repository (`dvc exp run --run-all --jobs N`), then applied to the workspace one by one. After each run the evaluation scores (`report.evaluations`) and the sweep's best cell are copied to
+repository (`dvc exp run --run-all --jobs N`), and their scores are read from their commits: the workspace is not
+touched. After each run the evaluation scores (`report.evaluations`) and the sweep's best cell are copied to
 `reports/seeds/seed-N/` (a few KB, committed with the report), and at the end the workspace is put back to
 params.yaml's seed: every file git tracks (params.yaml, dvc.lock and the stages' uncached metrics, plots and report)
 as it was before the first experiment, then `dvc checkout` for the cached outputs; files an experiment added that
@@ -232,17 +233,30 @@ def sh(*cmd: str, check: bool = True, env: dict[str, str] | None = None) -> int:
                           check=check, env=full).returncode
 
 
-def collect(seed: int, params: dict[str, Any], root: Path) -> None:
-    """Copy this workspace's evaluation scores and sweep result to `root/seed-<seed>/`."""
+def collect(seed: int, params: dict[str, Any], root: Path, commit: str | None = None) -> None:
+    """Copy the evaluation scores and sweep result to `root/seed-<seed>/`: this workspace's, or with `commit`, those
+    of that commit (an experiment's, read from git without touching the workspace)."""
     dest = root / f"seed-{seed}"
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(params["report"]["evaluations"], tmp / "evaluate")
-    sweep = Path(params["report"]["sweep"])
-    if sweep.is_file():
-        shutil.copy2(sweep, tmp / "sweep.json")
+    evaluations, sweep = Path(params["report"]["evaluations"]), Path(params["report"]["sweep"])
+    if commit is None:
+        shutil.copytree(evaluations, tmp / "evaluate")
+        if sweep.is_file():
+            shutil.copy2(sweep, tmp / "sweep.json")
+    else:
+        (tmp / "evaluate").mkdir(parents=True)
+        for name in git("ls-tree", "-r", "--name-only", commit, "--", f"{evaluations.as_posix()}/").split("\n"):
+            if name:
+                (tmp / "evaluate" / Path(name).relative_to(evaluations)).write_text(git("show", f"{commit}:{name}"))
+        if git("ls-tree", "--name-only", commit, "--", sweep.as_posix()):
+            (tmp / "sweep.json").write_text(git("show", f"{commit}:{sweep.as_posix()}"))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], check=True, capture_output=True, text=True).stdout
 
 
 def run_seeds(seeds: Sequence[int], root: Path, force: bool, sets: Sequence[str] = (), jobs: int = 1) -> None:
@@ -259,6 +273,8 @@ def run_seeds(seeds: Sequence[int], root: Path, force: bool, sets: Sequence[str]
     # params.yaml's own seed first, so that its results are what the workspace is put back to at the end
     todo = [s for s in sorted(seeds, key=lambda s: s != own) if force or not (root / f"seed-{s}").is_dir()]
     print(f"seeds to run: {todo or 'none'} (collected already: {sorted(set(seeds) - set(todo))})", flush=True)
+    # the wall times of earlier runs of these seeds no longer describe what reports/seeds/ holds
+    meta["wall_s"] = {k: v for k, v in meta["wall_s"].items() if not set(k.split("+")) & set(map(str, todo))}
     kept: dict[Path, bytes] = {}
     new_before = untracked()
 
@@ -273,15 +289,13 @@ def run_seeds(seeds: Sequence[int], root: Path, force: bool, sets: Sequence[str]
             collect(own, params, root)
             done(str(own), t0)
             todo = todo[1:]
-        if todo and jobs > 1:
-            kept = tracked_files(exclude=root)
+        if todo and jobs > 1:  # experiments in temporary copies: the workspace is left as it is
             t0 = time.perf_counter()
-            failed = run_queued(todo, sets, jobs)
-            for seed in todo:
-                if seed not in failed:
-                    sh("dvc", "exp", "apply", f"seed-{seed}")
-                    collect(seed, params, root)
+            commits = run_queued(todo, sets, jobs)
+            for seed, commit in commits.items():
+                collect(seed, params, root, commit)
             done("+".join(map(str, todo)), t0)
+            failed = [s for s in todo if s not in commits]
             if failed:
                 raise RuntimeError(f"the experiments of seeds {failed} failed (see `dvc queue logs seed-N`)")
         else:
@@ -301,9 +315,9 @@ def run_seeds(seeds: Sequence[int], root: Path, force: bool, sets: Sequence[str]
             remove_new({f for f in untracked() - new_before if root.resolve() not in f.resolve().parents})
 
 
-def run_queued(seeds: Sequence[int], sets: Sequence[str], jobs: int) -> list[int]:
+def run_queued(seeds: Sequence[int], sets: Sequence[str], jobs: int) -> dict[int, str]:
     """Every seed as a queued DVC experiment, `jobs` at a time, each in a temporary copy of the repository
-    (`dvc exp run --run-all --jobs`); returns the seeds whose experiment failed.
+    (`dvc exp run --run-all --jobs`); returns {seed: the commit of its experiment} for those that finished.
 
     On the CPU, each experiment's stages get cores / jobs torch threads (`compute.threads`) and run one work unit at
     a time (`prefect.max_workers`), so the runs share the cores instead of oversubscribing them. Neither setting is a
@@ -319,15 +333,17 @@ def run_queued(seeds: Sequence[int], sets: Sequence[str], jobs: int) -> list[int
         sh("dvc", "exp", "run", "--queue", "-S", f"seed={seed}", "-S", f"compute.threads={threads}",
            "-S", "prefect.max_workers=1", *(a for s in sets for a in ("-S", s)), "--name", f"seed-{seed}")
     sh("dvc", "exp", "run", "--run-all", "--jobs", str(jobs), check=False, env=env)
-    finished = set(experiment_names())
-    return [s for s in seeds if f"seed-{s}" not in finished]
+    commits = experiment_commits()
+    return {s: commits[f"seed-{s}"] for s in seeds if f"seed-{s}" in commits}
 
 
-def experiment_names() -> list[str]:
-    """The names of the experiments DVC holds on the current commit."""
-    out = subprocess.run([str(Path(sys.executable).with_name("dvc")), "exp", "list", "--name-only"], check=True,
-                         capture_output=True, text=True).stdout
-    return out.split()
+def experiment_commits() -> dict[str, str]:
+    """{name: commit} of the experiments DVC holds on the current commit (`dvc exp show`)."""
+    out = subprocess.run([str(Path(sys.executable).with_name("dvc")), "exp", "show", "--json", "--no-pager"],
+                         check=True, capture_output=True, text=True).stdout
+    head = git("rev-parse", "HEAD").strip()
+    return {rev["name"]: rev["rev"] for baseline in json.loads(out) if baseline["rev"] == head
+            for exp in baseline.get("experiments") or [] for rev in exp["revs"] if rev.get("name")}
 
 
 def untracked() -> set[Path]:

@@ -156,14 +156,15 @@ class Report:
         return text, records
 
     def _sampling_noise(self, variant: str) -> str:
-        """The bootstrap standard error of the variant's ensemble mIoU on each set, and the set size that would
-        bring it under 0.5 (it shrinks as 1/sqrt(images))."""
+        """The bootstrap standard error of the variant's ensemble mIoU on each set and, where it is 0.5 or more, the
+        set size that would bring it under 0.5 (it shrinks as 1/sqrt(images))."""
         parts = []
         for d in self.datasets:
             se, n = (self.evals.score(variant, d, "ensemble", k) for k in ("mIoU_se", "images"))
             if isinstance(se, (int, float)) and isinstance(n, int) and se > 0:
                 need = math.ceil(n * (se / 0.5) ** 2)
-                parts.append(f"{d}: ±{se:.1f} over {n} images (under 0.5 would take ~{need:,} images)")
+                under = "under 0.5" if se < 0.5 else f"under 0.5 would take ~{need:,} images"
+                parts.append(f"{d}: ±{se:.2f} over {n} images ({under})")
         if not parts:
             return ""
         return ("\nSampling noise: the standard error of OVSeg's mIoU over the evaluation images (1,000 bootstrap "

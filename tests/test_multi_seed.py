@@ -184,25 +184,39 @@ def test_a_setting_for_every_seed_runs_each_as_an_experiment_and_removes_what_on
     assert "--set 'ablations.prompt_depths=[1,4]'" in json.loads(Path("reports/seeds/runs.json").read_text())["command"]
 
 
-def test_jobs_queue_the_seeds_as_experiments_that_share_the_cores_then_apply_and_collect_each(tmp_path, monkeypatch):
+def test_jobs_queue_the_seeds_as_experiments_that_share_the_cores_and_read_each_from_its_commit(tmp_path, monkeypatch):
     """`--jobs 2`: params.yaml's own seed runs as `dvc repro` in the workspace; the others are queued experiments
-    run two at a time, each stage at cores / 2 threads and one work unit at a time; each finished one is applied and
-    collected; a failed one is named in the error and the workspace is put back all the same."""
+    run two at a time, each stage at cores / 2 threads and one work unit at a time, and each finished one's scores
+    are read from its experiment's commit, leaving the workspace (and seeds collected before) as they were; a
+    failed one is named in the error."""
     workspace(tmp_path, monkeypatch, '{"seed": 0}')
-    commands, queued = [], []
+    commit = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm"]
+    subprocess.run([*commit, "base"], check=True)
+    Path("reports/seeds/seed-4/evaluate").mkdir(parents=True)  # collected by an earlier run, not committed
+    Path("reports/seeds/seed-4/evaluate/mpt.json").write_text('{"seed": 4}')
+    Path("reports/seeds/runs.json").write_text('{"wall_s": {"1": 900, "2+4": 1500, "4": 800}}')
+    commands, queued, experiments = [], [], {}
 
     def fake_sh(*cmd, check=True, env=None):
         commands.append((cmd, env))
         if cmd[:4] == ("dvc", "exp", "run", "--queue"):
             queued.append(cmd[cmd.index("--name") + 1])
-        if cmd[:3] == ("dvc", "exp", "apply"):
-            Path("metrics/evaluate/mpt.json").write_text('{"seed": %s}' % cmd[3].removeprefix("seed-"))
-            Path("params.yaml").write_text(f"seed: {cmd[3].removeprefix('seed-')}\n")
+        if cmd[:4] == ("dvc", "exp", "run", "--run-all"):  # each experiment a commit beside the workspace
+            for name in queued[:-1]:  # the last one (seed-3) fails
+                seed = name.removeprefix("seed-")
+                subprocess.run(["git", "checkout", "-q", "-b", name], check=True)
+                Path("metrics/evaluate/mpt.json").write_text('{"seed": %s}' % seed)
+                Path("metrics/sweep.json").write_text('{"best_lambda": 0.%s}' % seed)
+                subprocess.run(["git", "add", "metrics"], check=True)
+                subprocess.run([*commit, name], check=True)
+                experiments[name] = subprocess.run(["git", "rev-parse", "HEAD"], check=True, capture_output=True,
+                                                   text=True).stdout.strip()
+                subprocess.run(["git", "checkout", "-q", "-"], check=True)
         return 0
 
     monkeypatch.setattr(multi_seed, "sh", fake_sh)
     monkeypatch.setattr(multi_seed, "usable_cpus", lambda: 2)
-    monkeypatch.setattr(multi_seed, "experiment_names", lambda: [n for n in queued if n != "seed-3"])
+    monkeypatch.setattr(multi_seed, "experiment_commits", lambda: experiments)
     with pytest.raises(RuntimeError, match=r"seeds \[3\] failed"):
         multi_seed.run_seeds([0, 1, 2, 3], Path("reports/seeds"), force=False, jobs=2)
     cmds = [c for c, _ in commands]
@@ -214,11 +228,12 @@ def test_jobs_queue_the_seeds_as_experiments_that_share_the_cores_then_apply_and
     run_all = [(c, e) for c, e in commands if c[:4] == ("dvc", "exp", "run", "--run-all")]
     assert len(run_all) == 1 and run_all[0][0][-2:] == ("--jobs", "2")
     assert run_all[0][1]["NLTK_DATA"].endswith("nltk_data") and Path(run_all[0][1]["OVSEG_STATE_DIR"]).is_absolute()
-    assert [c[3] for c in cmds if c[:3] == ("dvc", "exp", "apply")] == ["seed-1", "seed-2"]
-    for seed in (0, 1, 2):
+    assert not any(c[:3] in {("dvc", "exp", "apply"), ("dvc", "checkout", "--force")} for c in cmds)
+    for seed in (0, 1, 2, 4):
         assert json.loads(Path(f"reports/seeds/seed-{seed}/evaluate/mpt.json").read_text()) == {"seed": seed}
-    assert not Path("reports/seeds/seed-3").exists()
-    assert Path("params.yaml").read_text().startswith("seed: 0") and cmds[-1] == ("dvc", "checkout", "--force")
-    assert Path("metrics/evaluate/mpt.json").read_text() == '{"seed": 0}'
+    assert json.loads(Path("reports/seeds/seed-2/sweep.json").read_text()) == {"best_lambda": 0.2}
+    assert not Path("reports/seeds/seed-3").exists() and not Path("reports/seeds/seed-0/sweep.json").exists()
+    assert Path("params.yaml").read_text().startswith("seed: 0")  # the workspace as it was
+    assert Path("metrics/evaluate/mpt.json").read_text() == '{"seed": 0}' and not Path("metrics/sweep.json").exists()
     runs = json.loads(Path("reports/seeds/runs.json").read_text())
-    assert set(runs["wall_s"]) == {"0", "1+2+3"} and runs["command"].endswith("--jobs 2")
+    assert set(runs["wall_s"]) == {"0", "1+2+3", "4"} and runs["command"].endswith("--jobs 2")

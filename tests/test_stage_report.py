@@ -190,7 +190,11 @@ def test_the_headline_gives_the_sampling_noise_of_ovsegs_miou(repo):
     text = Path("reports/report.md").read_text()
     headline = text[text.index("## Headline"):text.index("## ", text.index("## Headline") + 3)]
     # 150 images x (1.5 / 0.5)^2 = 1,350 images for a standard error of 0.5
-    assert "world-eval: ±1.5 over 150 images (under 0.5 would take ~1,350 images)" in headline
+    assert "world-eval: ±1.50 over 150 images (under 0.5 would take ~1,350 images)" in headline
+    ft_mpt["world-eval"]["ensemble"].update(mIoU_se=0.475, images=700)  # under 0.5 already: says so
+    write_json("metrics/evaluate/ft-mpt.json", ft_mpt)
+    run(Recorder({"report": SETTINGS}))
+    assert "world-eval: ±0.47 over 700 images (under 0.5)" in Path("reports/report.md").read_text()
 
 
 def test_no_sampling_noise_line_without_standard_errors(repo):
