@@ -321,9 +321,10 @@ def run_queued(seeds: Sequence[int], sets: Sequence[str], jobs: int) -> dict[int
 
     On the CPU, each experiment's stages get cores / jobs torch threads (`compute.threads`) and run one work unit at
     a time (`prefect.max_workers`), so the runs share the cores instead of oversubscribing them. Neither setting is a
-    stage's DVC param: they change float rounding, not what a stage computes. Measured on 2 cores, two adaptations
-    side by side at one thread each took 74 s against 90 s one after the other at two threads: the single-threaded
-    parts of each stage (start-up, imports, data loading, DVC's bookkeeping) overlap with the other run's compute.
+    stage's DVC param: they change float rounding, not what a stage computes. Measured on 2 cores
+    (`scripts/bench_side_by_side.py`): two adaptations side by side, one core each, 63 s; one after the other with
+    both cores, 76 s. The single-threaded parts of each stage (start-up, imports, data loading) overlap with the
+    other's compute, and at two threads these small models run only 1.7-1.9x faster than at one.
     The stages report to this project's Prefect server and read its NLTK data, which the temporary copies lack."""
     state = Path(os.environ.get("OVSEG_STATE_DIR", ".ovseg")).resolve()
     env = {"OVSEG_STATE_DIR": str(state), "NLTK_DATA": str(state / "nltk_data")}
