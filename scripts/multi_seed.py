@@ -228,7 +228,8 @@ def sh(*cmd: str, check: bool = True, env: dict[str, str] | None = None) -> int:
     """Run a command (with `env` added to the environment) and return its exit status; `dvc` is this
     environment's, and so is dvc.yaml's `python`, also when it was not activated."""
     print("+", " ".join(cmd), flush=True)
-    full = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    full = {**os.environ, **(env or {}), "PATH": path}
     return subprocess.run([str(Path(sys.executable).with_name("dvc")), *cmd[1:]] if cmd[0] == "dvc" else cmd,
                           check=check, env=full).returncode
 
