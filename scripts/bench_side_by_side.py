@@ -10,7 +10,8 @@ another thread count, so run it in a scratch clone (or `git checkout -- . && dvc
 
     python -m scripts.bench_side_by_side --run-dir /work/run --rounds 2 \
         --fresh checkpoints/adapt_clip/mpt --fresh checkpoints/adapt_clip/ft-gt-classes \
-        --out benchmarks/side-by-side-cpu-2026-12-04.json -- "adapt_clip --variant mpt" "adapt_clip --variant ft-gt-classes"
+        --out benchmarks/side-by-side-cpu-2026-12-04.json \
+        -- "adapt_clip --variant mpt" "adapt_clip --variant ft-gt-classes"
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ovseg_core.atomic import write_json
 from scripts import measure
@@ -31,16 +33,32 @@ from scripts import measure
 ASIDE = ".bench-original"
 
 
-def start(args: str, run_dir: Path, env: dict[str, str], core: int | None) -> subprocess.Popen:
+Started = tuple[subprocess.Popen, IO[str]]  # a stage's process and the file its output goes to
+
+
+def start(args: str, run_dir: Path, env: dict[str, str], core: int | None) -> Started:
+    """`flows.stage <args>`, pinned to `core` if given. Its output goes to a temporary file, not a pipe: an undrained
+    pipe would stall a stage that logs while another is being waited for."""
     pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
-    return subprocess.Popen([sys.executable, "-m", "flows.stage", *shlex.split(args)], cwd=run_dir, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=pin)
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.stage", *shlex.split(args)], cwd=run_dir, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=pin)
+    return proc, log
 
 
-def finish(proc: subprocess.Popen, args: str) -> None:
-    _, err = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"flows.stage {args} failed:\n{err[-3000:]}")
+def wait_all(started: dict[str, Started], t0: float) -> dict[str, float]:
+    """Seconds from `t0` to each stage's end, as they end; a failed stage stops the benchmark with its output."""
+    ended: dict[str, float] = {}
+    while len(ended) < len(started):
+        for args, (proc, log) in started.items():
+            if args not in ended and proc.poll() is not None:
+                ended[args] = round(time.perf_counter() - t0, 1)
+                if proc.returncode:
+                    log.seek(0)
+                    raise SystemExit(f"flows.stage {args} failed:\n{log.read()[-3000:]}")
+                log.close()
+        time.sleep(0.1)
+    return ended
 
 
 def clear(paths: list[Path]) -> None:
@@ -54,18 +72,12 @@ def one_round(stages: list[str], run_dir: Path, env: dict[str, str], fresh: list
     t0 = time.perf_counter()
     for args in stages:
         clear(fresh)
-        t = time.perf_counter()
-        finish(start(args, run_dir, env, None), args)
-        sequential[args] = round(time.perf_counter() - t, 1)
+        sequential |= wait_all({args: start(args, run_dir, env, None)}, time.perf_counter())
     sequential["total"] = round(time.perf_counter() - t0, 1)
     clear(fresh)
     cores = sorted(os.sched_getaffinity(0))
     t0 = time.perf_counter()
-    procs = [(args, start(args, run_dir, env, cores[i % len(cores)])) for i, args in enumerate(stages)]
-    side: dict[str, float] = {}
-    for args, proc in procs:
-        finish(proc, args)
-        side[args] = round(time.perf_counter() - t0, 1)  # from the common start to this stage's end
+    side = wait_all({args: start(args, run_dir, env, cores[i % len(cores)]) for i, args in enumerate(stages)}, t0)
     side["total"] = round(time.perf_counter() - t0, 1)
     return {"sequential": sequential, "side_by_side": side}
 

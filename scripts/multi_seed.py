@@ -247,9 +247,8 @@ def collect(seed: int, params: dict[str, Any], root: Path, commit: str | None = 
             shutil.copy2(sweep, tmp / "sweep.json")
     else:
         (tmp / "evaluate").mkdir(parents=True)
-        for name in git("ls-tree", "-r", "--name-only", commit, "--", f"{evaluations.as_posix()}/").split("\n"):
-            if name:
-                (tmp / "evaluate" / Path(name).relative_to(evaluations)).write_text(git("show", f"{commit}:{name}"))
+        for name in git("ls-tree", "-r", "--name-only", commit, "--", f"{evaluations.as_posix()}/").splitlines():
+            (tmp / "evaluate" / Path(name).relative_to(evaluations)).write_text(git("show", f"{commit}:{name}"))
         if git("ls-tree", "--name-only", commit, "--", sweep.as_posix()):
             (tmp / "sweep.json").write_text(git("show", f"{commit}:{sweep.as_posix()}"))
     shutil.rmtree(dest, ignore_errors=True)
@@ -323,7 +322,7 @@ def run_queued(seeds: Sequence[int], sets: Sequence[str], jobs: int) -> dict[int
     On the CPU, each experiment's stages get cores / jobs torch threads (`compute.threads`) and run one work unit at
     a time (`prefect.max_workers`), so the runs share the cores instead of oversubscribing them. Neither setting is a
     stage's DVC param: they change float rounding, not what a stage computes. Measured on 2 cores
-    (`scripts/bench_side_by_side.py`): two adaptations side by side, one core each, 63 s; one after the other with
+    (`scripts/bench_side_by_side.py`): two adaptations side by side, one core each, 61 s; one after the other with
     both cores, 76 s. The single-threaded parts of each stage (start-up, imports, data loading) overlap with the
     other's compute, and at two threads these small models run only 1.7-1.9x faster than at one.
     The stages report to this project's Prefect server and read its NLTK data, which the temporary copies lack."""

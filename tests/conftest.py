@@ -290,4 +290,3 @@ def register_six_layer_tiny_vit(directory: Path) -> str:
     (directory / "ovseg-tiny-vit-6l.json").write_text(json.dumps(config))
     register_model_configs(directory)
     return "ovseg-tiny-vit-6l"
-
