@@ -61,12 +61,12 @@ def masked_crops(
     keep = binary.flatten(1).any(dim=1)
     binary = binary[keep]
     num = binary.shape[0]
-    if num == 0:
+    if num == 0:  # on the image's device: mining concatenates these with other images' crops
         return MaskedCrops(
-            crops=torch.zeros(0, 3, size, size),
-            masks=torch.zeros(0, size, size, dtype=torch.bool),
+            crops=torch.zeros(0, 3, size, size, device=image.device),
+            masks=torch.zeros(0, size, size, dtype=torch.bool, device=image.device),
             keep=keep,
-            boxes=torch.zeros(0, 4, dtype=torch.long),
+            boxes=torch.zeros(0, 4, dtype=torch.long, device=image.device),
         )
     pixels = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
     mean_t = torch.tensor(mean, dtype=torch.float32, device=image.device).view(3, 1, 1)

@@ -2,7 +2,8 @@
 
 Used by mining (proposals + CLIP), evaluation and the demo CLI (`segment`). Tensors follow the model's
 device; the networks run in whatever precision the caller's autocast context says (see
-`ovseg_core.compute.Placement.autocast`), and every output here is fp32.
+`ovseg_core.compute.Placement.autocast`), and every output here is fp32: the scores after the networks
+(CLIP's logits over the vocabulary, the semantic map's sums) are computed with autocast off.
 
 - `proposals`: mask logits [Q, H, W] at the image's size and p_mf [Q, K] = softmax over K + 1
   (void last) with void dropped, for whatever vocabulary the model holds (`set_vocabulary`).
@@ -133,6 +134,12 @@ def _at_image_size(logits: Tensor, height: int, width: int) -> Tensor:
     return F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
+def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off: the small score computations after the networks stay fp32 whatever precision the caller's
+    autocast gives the forward passes."""
+    return torch.autocast(device.type, enabled=False)
+
+
 @contextlib.contextmanager
 def _eval_mode(model: OpenVocabMaskFormer) -> Iterator[None]:
     was_training = model.training
@@ -210,8 +217,9 @@ def classify_proposals(image: np.ndarray | Tensor, mask_probs: Tensor, encode: E
     features = torch.cat([
         encode(crops.crops[i:i + batch_size].to(text.device), crops.masks[i:i + batch_size].to(text.device))
         for i in range(0, len(crops), batch_size)])
-    logits = logit_scale * F.normalize(features.float(), dim=-1) @ text.T
-    return ClipScores(probs=logits.softmax(-1), keep=crops.keep)
+    with _fp32(text.device):  # the caller's bf16 autocast would round the logits (±0.1 at logit scale 100)
+        logits = logit_scale * F.normalize(features.float(), dim=-1) @ text.T
+        return ClipScores(probs=logits.softmax(-1), keep=crops.keep)
 
 
 def ensemble(p_mf: Tensor, p_clip: Tensor, lam: float, seen: Tensor | None = None) -> Tensor:
@@ -234,21 +242,23 @@ def semantic_map(class_scores: Tensor, mask_logits: Tensor, return_scores: bool 
     height, width = mask_logits.shape[-2:]
     if num_masks == 0:
         labels = torch.full((height, width), NO_MASK_LABEL, dtype=torch.long, device=mask_logits.device)
-        return SemanticMap(labels, class_scores.new_zeros(k, height, width) if return_scores else None)
-    masks = mask_logits.sigmoid()
-    if return_scores:
-        scores = torch.einsum("qc,qhw->chw", class_scores, masks)
-        return SemanticMap(scores.argmax(0), scores)
-    best = masks.new_full((height, width), -1.0)
-    labels = torch.zeros((height, width), dtype=torch.long, device=masks.device)
-    chunk = max(1, max_elements // (height * width))
-    for c0 in range(0, k, chunk):
-        scores = torch.einsum("qc,qhw->chw", class_scores[:, c0:c0 + chunk], masks)
-        value, index = scores.max(0)
-        better = value > best
-        best = torch.where(better, value, best)
-        labels = torch.where(better, index + c0, labels)
-    return SemanticMap(labels, None)
+        return SemanticMap(labels, class_scores.new_zeros(k, height, width, dtype=torch.float32) if return_scores
+                           else None)
+    with _fp32(mask_logits.device):  # in bf16 (a caller's autocast) ~1% of pixels would take another label
+        class_scores, masks = class_scores.float(), mask_logits.float().sigmoid()
+        if return_scores:
+            scores = torch.einsum("qc,qhw->chw", class_scores, masks)
+            return SemanticMap(scores.argmax(0), scores)
+        best = masks.new_full((height, width), -1.0)
+        labels = torch.zeros((height, width), dtype=torch.long, device=masks.device)
+        chunk = max(1, max_elements // (height * width))
+        for c0 in range(0, k, chunk):
+            scores = torch.einsum("qc,qhw->chw", class_scores[:, c0:c0 + chunk], masks)
+            value, index = scores.max(0)
+            better = value > best
+            best = torch.where(better, value, best)
+            labels = torch.where(better, index + c0, labels)
+        return SemanticMap(labels, None)
 
 
 def combine_scores(props: Proposals, clip: ClipScores | None, lam: float, seen: Tensor | None = None

@@ -162,8 +162,7 @@ class Report:
         for d in self.datasets:
             se, n = (self.evals.score(variant, d, "ensemble", k) for k in ("mIoU_se", "images"))
             if isinstance(se, (int, float)) and isinstance(n, int) and se > 0:
-                need = math.ceil(n * (se / 0.5) ** 2)
-                under = "under 0.5" if se < 0.5 else f"under 0.5 would take ~{need:,} images"
+                under = "under 0.5" if se < 0.5 else f"under 0.5 would take ~{math.ceil(n * (se / 0.5) ** 2):,} images"
                 parts.append(f"{d}: ±{se:.2f} over {n} images ({under})")
         if not parts:
             return ""

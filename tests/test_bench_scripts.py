@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.bench_mine import REPO, stage_params
+from scripts.bench_mine import REPO, stage_params, use_model_configs
 from scripts.bench_noop import noop_repro
 from scripts import bench_side_by_side, measure
 
@@ -32,6 +32,16 @@ def test_bench_mine_points_every_output_of_the_stage_into_its_own_work_directory
     outputs = [params["mine"][key] for key in ("out", "work", "metrics")] + [params["runs"]]
     assert all(Path(path).is_relative_to(tmp_path) for path in outputs), outputs
     assert params["mine"]["common"]["images_per_unit"] == 7
+
+
+def test_bench_mine_gives_the_compared_revision_the_model_configs_of_the_run_directorys_models(tmp_path):
+    """An older revision whose config names another architecture (c921254: 6 vision layers) must load today's models."""
+    configs = tmp_path / "ovseg_core" / "model_configs"
+    configs.mkdir(parents=True)
+    (configs / "ovseg-tiny-vit.json").write_text(json.dumps({"vision_cfg": {"layers": 6}}))
+    use_model_configs(tmp_path)
+    ours = REPO / "ovseg_core" / "model_configs" / "ovseg-tiny-vit.json"
+    assert json.loads((configs / "ovseg-tiny-vit.json").read_text()) == json.loads(ours.read_text())
 
 
 def test_bench_side_by_side_pins_each_concurrent_stage_to_one_core_and_clears_then_restores_the_fresh_paths(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ovseg_core.compute import CPU_FP32, ComputeConfig, Placement
+from ovseg_core.crops import masked_crops
 from stages.common import StageContext, details_path, run_stage
 from test_mining_scale import mined, miner
 from test_stage_train_maskformer import stage_params as maskformer_params
@@ -30,6 +31,17 @@ def test_mining_on_the_gpu_in_bf16_finds_the_cpu_pairs(tiny_world, tiny_models):
     assert on_gpu.keys() == on_cpu.keys() and all(on_gpu[k].noun == on_cpu[k].noun for k in on_cpu)
     same = sum(on_gpu[k].proposal_index == on_cpu[k].proposal_index for k in on_cpu)
     assert same >= 0.9 * len(on_cpu)  # bf16 may break near-ties between proposals differently
+
+
+def test_an_image_whose_masks_all_vanish_has_its_empty_crops_on_the_gpu_beside_the_others():
+    """Mining concatenates the crops of a batch's images; one with no mask above the threshold must not bring
+    CPU tensors into it."""
+    image = torch.full((3, 8, 8), 128, dtype=torch.uint8, device="cuda")
+    none = masked_crops(image, torch.zeros(2, 8, 8, device="cuda"), 4, (0.5,) * 3, (0.25,) * 3)
+    one = masked_crops(image, torch.ones(1, 8, 8, device="cuda"), 4, (0.5,) * 3, (0.25,) * 3)
+    assert len(none) == 0 and {t.device.type for t in (none.crops, none.masks, none.keep, none.boxes)} == {"cuda"}
+    assert torch.cat([none.crops, one.crops]).shape == (1, 3, 4, 4)
+    assert torch.cat([none.masks, one.masks]).all()
 
 
 def test_train_maskformer_stage_on_the_gpu(tiny_world, tiny_models, tmp_path):

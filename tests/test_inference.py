@@ -163,6 +163,33 @@ def test_classify_proposals_uses_surviving_masked_crops(clip_setup):
     assert none.probs.shape == (0, 4) and not none.keep.any()
 
 
+def test_clip_scores_and_the_semantic_map_stay_fp32_inside_a_bf16_autocast(clip_setup):
+    """The networks run in the caller's bf16 autocast (compute.precision), the scores after them in fp32."""
+    bundle, _, branch, text = clip_setup
+    image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
+    masks = torch.zeros(2, 40, 40)
+    masks[0, 5:20, 10:30] = masks[1, 15:35, 2:25] = 0.9
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with bf16:
+        scores = classify_proposals(image, masks, branch.encode, text, bundle.image_size, bundle.mean, bundle.std,
+                                    0.5)
+        crops = masked_crops(image, masks, bundle.image_size, bundle.mean, bundle.std, 0.5)
+        features = encode_masked(bundle, crops.crops, crops.masks)
+    assert scores.probs.dtype == torch.float32
+    expected = (100 * F.normalize(features.float(), dim=-1) @ text.T).softmax(-1)
+    assert torch.allclose(scores.probs, expected, atol=1e-6)
+
+    g = torch.Generator().manual_seed(0)
+    class_scores = torch.rand(60, 50, generator=g)
+    logits = torch.randn(60, 64, 64, generator=g)
+    fp32 = semantic_map(class_scores, logits, return_scores=True)
+    with bf16:
+        inside = semantic_map(class_scores, logits, return_scores=True)
+        chunked = semantic_map(class_scores, logits, max_elements=7 * 64 * 64)
+    assert inside.scores.dtype == torch.float32 and torch.allclose(inside.scores, fp32.scores)
+    assert torch.equal(inside.labels, fp32.labels) and torch.equal(chunked.labels, fp32.labels)
+
+
 def test_segment_composes_proposals_clip_and_ensemble(clip_setup):
     _, model, branch, text = clip_setup
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)

@@ -183,3 +183,6 @@ def test_segment_with_masks_needs_no_proposal_network(run_dir, images, tmp_path,
     assert record["models"]["maskformer"] is None
     with_run, clip_only_labels = (np.asarray(Image.open(tmp_path / d / "square.labels.png")) for d in ("with-run", "clip-only"))
     assert np.array_equal(with_run, clip_only_labels)
+    bf16 = [*args[:-1], "bf16", *clip_only, "--out", str(tmp_path / "bf16")]  # CPU autocast: softmax stays bf16
+    assert main(bf16) == 0
+    assert (np.asarray(Image.open(tmp_path / "bf16" / "square.labels.png")) == with_run).mean() > 0.9

@@ -7,10 +7,11 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ovseg_core.clip.models import load_clip
 from ovseg_core.clip.train import train_clip
-from ovseg_core.compute import ComputeConfig, Placement, native_bf16, usable_cpus
+from ovseg_core.compute import ComputeConfig, ComputeError, Placement, native_bf16, resolve_precision, usable_cpus
 from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.maskformer import build_model, preset_config
 from ovseg_core.maskformer.data import SemanticDataset
@@ -33,6 +34,36 @@ def test_auto_precision_is_bf16_where_native_and_can_be_set():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with Placement(CPU, "fp32").autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_auto_precision_takes_bf16_only_on_gpus_that_compute_it_natively(monkeypatch):
+    """torch.cuda.is_bf16_supported() also says yes for GPUs that only emulate bf16 (V100, T4: compute capability
+    7.x); those run fp32. The capability is the hardware's answer, stood in for here (no GPU on this machine)."""
+    cuda = torch.device("cuda", 1)
+    asked = []
+    for capability, native in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: asked.append(d) or c)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "GPU")
+        assert native_bf16(cuda) is native and asked[-1] == cuda  # the device asked about, not the current one
+        assert resolve_precision("auto", cuda) == ("bf16" if native else "fp32")
+        if not native:
+            with pytest.raises(ComputeError, match="no bf16 support"):
+                resolve_precision("bf16", cuda)
+
+
+def test_the_maskformer_class_logits_stay_fp32_inside_a_bf16_autocast():
+    """100 × a bf16 cosine is off by up to ~0.3: p_mf and the class loss would be quantised."""
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny", num_queries=4), class_text(5)).eval()
+    queries = torch.randn(2, 4, model.net.hidden_dim)
+    head = model.class_predictor
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = head(queries)
+        embedded = head.projection(queries)  # the MLP before the cosine runs in bf16
+    classes = torch.cat([head.text_features, F.normalize(head.void_embedding.detach(), dim=0)[None]])
+    expected = head.logit_scale * F.normalize(embedded.float(), dim=-1) @ classes.T
+    assert embedded.dtype == torch.bfloat16 and inside.dtype == torch.float32 and inside.shape == (2, 4, 6)
+    assert torch.allclose(inside, expected, atol=1e-5)
 
 
 def test_cpu_threads_share_out_the_cpus_this_process_may_use():

@@ -182,9 +182,11 @@ class CosineClassHead(nn.Module):
 
     def forward(self, queries: Tensor) -> Tensor:
         """queries [..., hidden] → logits [..., K + 1]."""
-        embeddings = F.normalize(self.projection(queries), dim=-1)
-        classes = torch.cat([self.text_features, F.normalize(self.void_embedding, dim=0)[None]], dim=0)
-        return self.logit_scale * embeddings @ classes.T
+        embeddings = self.projection(queries)
+        with torch.autocast(embeddings.device.type, enabled=False):  # bf16 cosines ×100 would be off by ~0.3
+            embeddings = F.normalize(embeddings.float(), dim=-1)
+            classes = torch.cat([self.text_features, F.normalize(self.void_embedding, dim=0)[None]], dim=0)
+            return self.logit_scale * embeddings @ classes.T
 
 
 class OpenVocabMaskFormer(MaskFormerForInstanceSegmentation):
