@@ -224,14 +224,16 @@ def write_report(out_md: Path, out_json: Path, dataset: str, root: Path = SEEDS_
     return record
 
 
+DVC = str(Path(sys.executable).with_name("dvc"))  # this environment's, also when it was not activated
+
+
 def sh(*cmd: str, check: bool = True, env: dict[str, str] | None = None) -> int:
     """Run a command (with `env` added to the environment) and return its exit status; `dvc` is this
     environment's, and so is dvc.yaml's `python`, also when it was not activated."""
     print("+", " ".join(cmd), flush=True)
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     full = {**os.environ, **(env or {}), "PATH": path}
-    return subprocess.run([str(Path(sys.executable).with_name("dvc")), *cmd[1:]] if cmd[0] == "dvc" else cmd,
-                          check=check, env=full).returncode
+    return subprocess.run([DVC, *cmd[1:]] if cmd[0] == "dvc" else cmd, check=check, env=full).returncode
 
 
 def collect(seed: int, params: dict[str, Any], root: Path, commit: str | None = None) -> None:
@@ -340,8 +342,8 @@ def run_queued(seeds: Sequence[int], sets: Sequence[str], jobs: int) -> dict[int
 
 def experiment_commits() -> dict[str, str]:
     """{name: commit} of the experiments DVC holds on the current commit (`dvc exp show`)."""
-    out = subprocess.run([str(Path(sys.executable).with_name("dvc")), "exp", "show", "--json", "--no-pager"],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([DVC, "exp", "show", "--json", "--no-pager"], check=True, capture_output=True,
+                         text=True).stdout
     head = git("rev-parse", "HEAD").strip()
     return {rev["name"]: rev["rev"] for baseline in json.loads(out) if baseline["rev"] == head
             for exp in baseline.get("experiments") or [] for rev in exp["revs"] if rev.get("name")}

@@ -16,6 +16,7 @@ from ovseg_core.datasets.prepared import PreparedDataset
 from ovseg_core.inference import batch_proposals
 from ovseg_core.maskformer.model import load_model
 from ovseg_core.mining import Miner, MiningConfig
+from torchvision.ops import box_iou
 
 VARIANT = "proposals-nouns"
 
@@ -30,6 +31,17 @@ def miner(tiny_world, tiny_models, loader_workers: int = 0, placement: Placement
 def mined(m: Miner) -> dict:
     with torch.random.fork_rng():
         return {p.key: p for p in m.mine_images(range(len(m.dataset)))}
+
+
+def assert_same_regions_in_bf16(bf16: dict, fp32: dict) -> None:
+    """bf16 mining pairs every caption noun of fp32 mining with (nearly) the same region. Not always the same
+    proposal index: bf16 reorders proposals of near-equal objectness and breaks near-ties between near-duplicate
+    masks (measured on this CPU: 44 of 89 indices equal, 78 boxes equal; 95% of the boxes overlap their fp32 pair's
+    by IoU >= 0.97, all by >= 0.5)."""
+    assert bf16.keys() == fp32.keys() and all(bf16[k].noun == fp32[k].noun for k in fp32)
+    keys = sorted(fp32)
+    overlap = box_iou(torch.tensor([bf16[k].bbox for k in keys]), torch.tensor([fp32[k].bbox for k in keys])).diag()
+    assert overlap.min() >= 0.5 and (overlap >= 0.9).float().mean() >= 0.9, overlap
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +76,13 @@ def test_batched_mining_gives_the_per_image_pairs(per_image, tiny_world, tiny_mo
     # CLIP's scores follow the crops: equal where no pixel flipped, within 0.01 elsewhere (measured 0.004)
     assert all(abs(batched[k].score - per_image[k].score) < (1e-5 if np.array_equal(batched[k].mask, per_image[k].mask)
                                                              else 1e-2) for k in per_image)
+
+
+def test_bf16_mining_finds_the_fp32_regions(per_image, tiny_world, tiny_models):
+    """What the GPU test checks on CUDA (tests/test_gpu.py), on this CPU's bf16."""
+    bf16 = mined(miner(tiny_world, tiny_models, placement=Placement(torch.device("cpu"), "bf16")))
+    assert len(per_image) > 20
+    assert_same_regions_in_bf16(bf16, per_image)
 
 
 def test_loader_workers_change_nothing(per_image, tiny_world, tiny_models):
