@@ -190,6 +190,14 @@ class Placement:
         return {"device": str(self.device), "precision": self.precision}
 
 
+def autocast_off(device: torch.device) -> ContextManager[Any]:
+    """Autocast off, inside a caller's `Placement.autocast`: for the small computations after the networks (cosine
+    logits over a vocabulary, a semantic map's sums), which bf16 would round enough to change labels."""
+    import torch
+
+    return torch.autocast(device.type, enabled=False)
+
+
 def __getattr__(name: str) -> Any:
     """`CPU_FP32`, the placement of the library's defaults, made when first asked for (it needs torch)."""
     if name == "CPU_FP32":

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .compute import autocast_off
 from .crops import masked_crops
 from .maskformer.model import OpenVocabMaskFormer
 
@@ -134,12 +135,6 @@ def _at_image_size(logits: Tensor, height: int, width: int) -> Tensor:
     return F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
-def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast off: the small score computations after the networks stay fp32 whatever precision the caller's
-    autocast gives the forward passes."""
-    return torch.autocast(device.type, enabled=False)
-
-
 @contextlib.contextmanager
 def _eval_mode(model: OpenVocabMaskFormer) -> Iterator[None]:
     was_training = model.training
@@ -217,7 +212,7 @@ def classify_proposals(image: np.ndarray | Tensor, mask_probs: Tensor, encode: E
     features = torch.cat([
         encode(crops.crops[i:i + batch_size].to(text.device), crops.masks[i:i + batch_size].to(text.device))
         for i in range(0, len(crops), batch_size)])
-    with _fp32(text.device):  # the caller's bf16 autocast would round the logits (±0.1 at logit scale 100)
+    with autocast_off(text.device):  # a caller's bf16 autocast would round the logits (±0.1 at scale 100)
         logits = logit_scale * F.normalize(features.float(), dim=-1) @ text.T
         return ClipScores(probs=logits.softmax(-1), keep=crops.keep)
 
@@ -244,7 +239,7 @@ def semantic_map(class_scores: Tensor, mask_logits: Tensor, return_scores: bool 
         labels = torch.full((height, width), NO_MASK_LABEL, dtype=torch.long, device=mask_logits.device)
         return SemanticMap(labels, class_scores.new_zeros(k, height, width, dtype=torch.float32) if return_scores
                            else None)
-    with _fp32(mask_logits.device):  # in bf16 (a caller's autocast) ~1% of pixels would take another label
+    with autocast_off(mask_logits.device):  # in bf16 (a caller's autocast) ~1% of pixels would take another label
         class_scores, masks = class_scores.float(), mask_logits.float().sigmoid()
         if return_scores:
             scores = torch.einsum("qc,qhw->chw", class_scores, masks)

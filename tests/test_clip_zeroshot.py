@@ -8,6 +8,7 @@ from ovseg_core.clip.mpt import MaskPrompts, encode_masked
 from ovseg_core.clip.text import text_features
 from ovseg_core.clip.zeroshot import zero_shot_accuracy
 from ovseg_core.clip.zeroshot import zero_shot_predict
+from ovseg_core.clip import zeroshot
 
 torch.set_num_threads(1)
 
@@ -33,6 +34,22 @@ def test_predictions_are_the_argmax_over_the_text_classifier(bundle, data):
     with torch.no_grad():
         expected = (encode_masked(bundle, images) @ text_features(bundle, CLASSES).T).argmax(dim=1)
     assert torch.equal(zero_shot_predict(bundle, images, None, CLASSES, batch_size=3), expected)
+
+
+def test_predictions_inside_a_bf16_autocast_are_the_argmax_of_fp32_cosines(bundle, monkeypatch):
+    """The probe runs under the stage's autocast; bf16 cosines (about 3 significant digits) would tie or flip classes
+    whose cosines differ in the 4th digit. Features and text are set here, so that every image is such a near-tie."""
+    g = torch.Generator().manual_seed(4)
+    text = torch.nn.functional.normalize(torch.randn(2, 16, generator=g), dim=-1)
+    base = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=-1)
+    gap = text[1] - text[0]  # move each feature along it until the two cosines differ by ±1e-4
+    offset = ((base @ text[0] - base @ text[1]) + 1e-4 * torch.randn(64, generator=g).sign()) / gap.dot(gap)
+    features = base + offset[:, None] * gap
+    monkeypatch.setattr(zeroshot, "text_features", lambda bundle, names: text)
+    monkeypatch.setattr(zeroshot, "encode_masked", lambda bundle, images, masks, prompts: features[: len(images)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        predicted = zeroshot.zero_shot_predict(bundle, torch.zeros(64, 3, 64, 64), None, ["a", "b"])
+    assert torch.equal(predicted, (features @ text.T).argmax(dim=1))
 
 
 def test_accuracy_overall_and_per_class(bundle, data):

@@ -35,6 +35,7 @@ from transformers.models.maskformer.modeling_maskformer import (
 )
 
 from ..atomic import write_torch
+from ..compute import autocast_off
 from ..errors import DataError, MissingWeightsError
 from .detectron2_weights import deeplab_resnet_names, original_swin_names
 
@@ -183,7 +184,7 @@ class CosineClassHead(nn.Module):
     def forward(self, queries: Tensor) -> Tensor:
         """queries [..., hidden] → logits [..., K + 1]."""
         embeddings = self.projection(queries)
-        with torch.autocast(embeddings.device.type, enabled=False):  # bf16 cosines ×100 would be off by ~0.3
+        with autocast_off(embeddings.device):  # bf16 cosines ×100 would be off by up to ~0.3
             embeddings = F.normalize(embeddings.float(), dim=-1)
             classes = torch.cat([self.text_features, F.normalize(self.void_embedding, dim=0)[None]], dim=0)
             return self.logit_scale * embeddings @ classes.T
