@@ -351,9 +351,7 @@ def experiment_commits() -> dict[str, str]:
 
 def untracked() -> set[Path]:
     """Files git neither tracks nor ignores."""
-    out = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], check=True,
-                         capture_output=True).stdout.decode()
-    return {Path(n) for n in out.split("\0") if n}
+    return {Path(n) for n in git("ls-files", "--others", "--exclude-standard", "-z").split("\0") if n}
 
 
 def remove_new(files: set[Path]) -> None:
@@ -375,9 +373,7 @@ def tracked_files(exclude: Path) -> dict[Path, bytes]:
     report), which `dvc checkout` cannot bring back; so they are kept here before the first experiment. Files not
     yet added count too: a run's new uncached outputs (e.g. a new evaluation set's plots) are overwritten by the
     experiments just the same."""
-    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], check=True,
-                           capture_output=True).stdout.decode().split("\0")
-    files = (Path(n) for n in names if n)
+    files = (Path(n) for n in git("ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0") if n)
     return {f: f.read_bytes() for f in files if f.is_file() and exclude.resolve() not in f.resolve().parents}
 
 

@@ -51,7 +51,7 @@ def zero_shot_predict(
             batch_masks = masks[i : i + batch_size].to(bundle.device) if masks is not None else None
             features = encode_masked(bundle, batch, batch_masks, prompts)
             with autocast_off(features.device):  # bf16 cosines would tie and flip near-equal classes
-                predictions.append((features @ classifier.float().T).argmax(dim=1).cpu())
+                predictions.append((features @ classifier.T).argmax(dim=1).cpu())
             progress.update(batch.shape[0])
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
 

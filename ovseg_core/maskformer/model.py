@@ -266,7 +266,7 @@ class OpenVocabMaskFormer(MaskFormerForInstanceSegmentation):
         def fp32(logits: dict[str, Tensor]) -> dict[str, Tensor]:
             return {k: v.float() for k, v in logits.items()}
 
-        with torch.autocast(masks_queries_logits.device.type, enabled=False):
+        with autocast_off(masks_queries_logits.device):
             return super().get_loss_dict(masks_queries_logits.float(), class_queries_logits.float(), mask_labels,
                                          class_labels, [fp32(a) for a in auxiliary_logits or []])
 
