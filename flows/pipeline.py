@@ -3,15 +3,18 @@
     python -m flows.pipeline                 # start the local Prefect server if needed, dvc repro, summary
     python -m flows.pipeline --push          # ... then dvc push to the default remote
     python -m flows.pipeline --no-server     # Prefect's ephemeral mode, no UI
+    python -m flows.pipeline --no-preload    # every stage in a fresh interpreter (no `flows.launcher`)
     python -m flows.pipeline -- mine         # extra arguments go to dvc repro (targets, --force, ...)
 
 DVC owns the DAG: this flow never lists stages itself. Every stage `dvc repro` runs reports to Prefect as a
 subflow run of this flow run (tagged with its id); a stage it skips as up to date is shown as a Skipped task
 run (`flows.pipeline_view`), so the driver's run page is the pipeline, stage by stage in DAG order.
+The stages run in processes forked from a launcher that has their imports done (`flows.launcher`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -21,7 +24,8 @@ from typing import Any, Callable
 from uuid import UUID
 
 import flows  # noqa: F401
-from flows.env import REPO, server_url
+from flows import launcher
+from flows.env import REPO, STATE_DIR, server_url
 
 REPORT = REPO / "reports" / "report.md"
 
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--push", action="store_true", help="dvc push after a successful repro")
     parser.add_argument("--no-server", action="store_true", help="don't start the local Prefect server")
+    parser.add_argument("--no-preload", action="store_true",
+                        help="run every stage in a fresh interpreter, not forked from the preloaded launcher")
     parser.add_argument("repro_args", nargs="*", help="passed to dvc repro")
     args = parser.parse_args(argv)
     os.chdir(REPO)  # params paths are relative to the repository root, as in dvc.yaml
@@ -85,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         crash_orphaned_runs("ovseg-pipeline", this_run, logger)
         os.environ[PIPELINE_RUN_ENV] = str(this_run)
         t0 = time.perf_counter()
-        if run_logged([dvc, "repro", *args.repro_args], logger, lambda line: record_not_run(line, this_run)) != 0:
+        # started after the environment above is complete: the stages' environment must equal the launcher's
+        preloaded = contextlib.nullcontext() if args.no_preload else launcher.running(log=STATE_DIR / "launcher.log")
+        with preloaded:
+            status = run_logged([dvc, "repro", *args.repro_args], logger, lambda line: record_not_run(line, this_run))
+        if status != 0:
             raise RuntimeError("dvc repro failed (see the failed stage's flow run)")
         timings = {"repro_s": round(time.perf_counter() - t0, 1)}
         if args.push:

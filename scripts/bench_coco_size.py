@@ -325,7 +325,7 @@ def loader_pass(args: argparse.Namespace) -> None:
 def mine_units(args: argparse.Namespace) -> None:
     """Mine the given units from scratch, as the run's mine stage mines a unit: its settings, models and torch
     threads per unit (another thread count sums in another order, and float rounding may flip a mask pixel)."""
-    from flows.stage import PrefectStageContext
+    from flows.prefect_stage import PrefectStageContext
     from stages.common import load_params
     from stages.mine import mine_unit, mining_spec
 

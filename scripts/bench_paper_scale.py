@@ -183,7 +183,8 @@ def bench_mine(clip: ClipBundle, placement: Placement, proposals: int, images: i
 
 def bench_maskformer_step(clip: ClipBundle, placement: Placement, batch: int, repeat: int) -> dict[str, Any]:
     model = paper_maskformer(clip.embed_dim, COCO_STUFF_CLASSES, placement.device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=6e-5, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=6e-5, weight_decay=0.01,
+                                  fused=True)
     size, device = 640, placement.device
     label = torch.full((size, size), 255, dtype=torch.long)
     label[: size // 2] = 3
@@ -209,7 +210,7 @@ def bench_clip_step(clip: ClipBundle, placement: Placement, mode: str, batch: in
                              weight_decay=0.0 if mode == "mpt" else 0.2, prompt_depth=3)
     clip.model.train(mode != "mpt")
     named, prompts = prepare_trainables(clip, config, None)
-    optimizer = torch.optim.AdamW(param_groups(named, config.weight_decay), lr=config.lr)
+    optimizer = torch.optim.AdamW(param_groups(named, config.weight_decay), lr=config.lr, fused=True)
     towers = TrainedTowers(clip, prompts)
     text_cache = TextFeatureCache(clip)
     device, size = placement.device, clip.image_size

@@ -6,7 +6,9 @@ stages (`python -m flows.stage <args>`) twice from scratch: one after the other 
 runs them), then all at once, each pinned to its own core (so it sizes its torch threads to one, as `--jobs` sets
 compute.threads). Before each run the `--fresh` paths (the stages' checkpoints, from which they would resume) are
 cleared; the originals are put back at the end. The stages rewrite their outputs, with the float rounding of
-another thread count, so run it in a scratch clone (or `git checkout -- . && dvc checkout --force` after).
+another thread count, so run it in a scratch clone (or `git checkout -- . && dvc checkout --force` after). The
+figures of 2026-12-04 were taken with the command below, when `ft-gt-classes` was a default variant; today it needs
+`ablations.gt_masks: [classes]` in the run directory's params.yaml (a default variant such as `ft` does not).
 
     python -m scripts.bench_side_by_side --run-dir /work/run --rounds 2 \
         --fresh checkpoints/adapt_clip/mpt --fresh checkpoints/adapt_clip/ft-gt-classes \

@@ -1,5 +1,6 @@
 """The whole chain over several seeds, and the paper's claims judged from them, not from one run.
 
+    python -m scripts.multi_seed run --seeds 0 1 2 --set 'ablations.gt_masks=[classes,nouns]'   # + Table 2
     python -m scripts.multi_seed run --seeds 0 1 2     # each seed not yet collected: the chain, then collect
     python -m scripts.multi_seed run --seeds 0 1 2 --force --set 'ablations.prompt_depths=[1,4]'   # + Table 5
     python -m scripts.multi_seed run --seeds 0 1 2 --jobs 2      # two seeds at a time (see run_queued)
@@ -44,6 +45,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from flows import launcher
+from flows.env import STATE_DIR
 from ovseg_core.atomic import atomic_file
 from ovseg_core.compute import usable_cpus
 from stages.common import variant_depth
@@ -284,37 +287,40 @@ def run_seeds(seeds: Sequence[int], root: Path, force: bool, sets: Sequence[str]
         meta["wall_s"][key] = round(time.perf_counter() - t0, 1)
         runs_file.write_text(json.dumps(meta, indent=1) + "\n")
 
-    try:
-        if todo and own == todo[0] and not sets:  # params.yaml's own run, in the workspace as `dvc repro` runs it
-            t0 = time.perf_counter()
-            sh("dvc", "repro")
-            collect(own, params, root)
-            done(str(own), t0)
-            todo = todo[1:]
-        if todo and jobs > 1:  # experiments in temporary copies: the workspace is left as it is
-            t0 = time.perf_counter()
-            commits = run_queued(todo, sets, jobs)
-            for seed, commit in commits.items():
-                collect(seed, params, root, commit)
-            done("+".join(map(str, todo)), t0)
-            failed = [s for s in todo if s not in commits]
-            if failed:
-                raise RuntimeError(f"the experiments of seeds {failed} failed (see `dvc queue logs seed-N`)")
-        else:
-            for seed in todo:
+    # the workspace's runs fork their stages from one preloaded launcher (flows.launcher); queued experiments,
+    # in temporary copies of the repository, start an interpreter per stage
+    with launcher.running(log=STATE_DIR / "launcher.log"):
+        try:
+            if todo and own == todo[0] and not sets:  # params.yaml's own run, in the workspace as `dvc repro` runs it
                 t0 = time.perf_counter()
-                kept = kept or tracked_files(exclude=root)
-                # `exp run` refuses a name an earlier experiment has; its --force would also rerun every stage
-                sh("dvc", "exp", "remove", f"seed-{seed}", check=False)
-                sh("dvc", "exp", "run", "-S", f"seed={seed}", *(a for s in sets for a in ("-S", s)),
-                   "--name", f"seed-{seed}")
-                collect(seed, params, root)
-                done(str(seed), t0)
-    finally:
-        if kept:  # back to params.yaml's seed and its results
-            restore(kept)
-            sh("dvc", "checkout", "--force")
-            remove_new({f for f in untracked() - new_before if root.resolve() not in f.resolve().parents})
+                sh("dvc", "repro")
+                collect(own, params, root)
+                done(str(own), t0)
+                todo = todo[1:]
+            if todo and jobs > 1:  # experiments in temporary copies: the workspace is left as it is
+                t0 = time.perf_counter()
+                commits = run_queued(todo, sets, jobs)
+                for seed, commit in commits.items():
+                    collect(seed, params, root, commit)
+                done("+".join(map(str, todo)), t0)
+                failed = [s for s in todo if s not in commits]
+                if failed:
+                    raise RuntimeError(f"the experiments of seeds {failed} failed (see `dvc queue logs seed-N`)")
+            else:
+                for seed in todo:
+                    t0 = time.perf_counter()
+                    kept = kept or tracked_files(exclude=root)
+                    # `exp run` refuses a name an earlier experiment has; its --force would also rerun every stage
+                    sh("dvc", "exp", "remove", f"seed-{seed}", check=False)
+                    sh("dvc", "exp", "run", "-S", f"seed={seed}", *(a for s in sets for a in ("-S", s)),
+                       "--name", f"seed-{seed}")
+                    collect(seed, params, root)
+                    done(str(seed), t0)
+        finally:
+            if kept:  # back to params.yaml's seed and its results
+                restore(kept)
+                sh("dvc", "checkout", "--force")
+                remove_new({f for f in untracked() - new_before if root.resolve() not in f.resolve().parents})
 
 
 def run_queued(seeds: Sequence[int], sets: Sequence[str], jobs: int) -> dict[int, str]:

@@ -51,18 +51,48 @@ def variant_depth(variant: str) -> int | None:
     return int(rest) if rest != variant and rest.isdigit() else None
 
 
+GT_MASK_PREFIX = "gt-"  # Table 2's pairs: `gt-nouns` (GT masks, caption nouns), `gt-classes` (GT masks, GT classes)
+
+
+def gt_mask_variants(params: dict[str, Any]) -> list[str]:
+    """The mining variants `ablations.gt_masks` switches on: `gt-<labels>` for each listed labelling."""
+    return [f"{GT_MASK_PREFIX}{labels}" for labels in (params.get("ablations") or {}).get("gt_masks") or []]
+
+
 def ablation_variants(params: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
-    """Variants that params.yaml's `ablations` adds to the repeated stage `key` (dvc.yaml runs them as the stage
-    groups `adapt_clip-mpt-depth` and `evaluate-mpt-depth`, one stage per listed depth, so that one setting
-    switches an ablation on). `prompt_depths: [d, ...]` adds `mpt-depth-<d>`: to adapt_clip the `mpt` variant
-    with prompt depth d, to evaluate the `mpt` evaluation of that CLIP."""
-    depths = (params.get("ablations") or {}).get("prompt_depths") or []
-    if key not in ("adapt_clip", "evaluate") or not depths:
-        return {}
-    base = params[key]["variants"]["mpt"]
-    if key == "adapt_clip":
-        return {depth_variant(d): {**base, "prompt_depth": int(d)} for d in depths}
-    return {depth_variant(d): {**base, "clip": f"{params['adapt_clip']['out']}/{depth_variant(d)}"} for d in depths}
+    """Variants that params.yaml's `ablations` adds to the repeated stage `key`. dvc.yaml runs them as stage
+    groups of their own, one stage per listed item, so that one setting switches an ablation on:
+
+    - `prompt_depths: [d, ...]` (Table 5; groups `adapt_clip-mpt-depth`, `evaluate-mpt-depth`) adds `mpt-depth-<d>`:
+      to adapt_clip the `mpt` variant with prompt depth d, to evaluate the `mpt` evaluation of that CLIP;
+    - `gt_masks: [labels, ...]` (Table 2; groups `mine-gt`, `adapt_clip-ft-gt`, `evaluate-ft-gt`) adds, for labels
+      `nouns` or `classes`: to mine the pairs `gt-<labels>` (ground-truth masks labelled with caption nouns or
+      with the ground-truth class names: `mine.ablation_variants`), to adapt_clip `ft-gt-<labels>`, the `ft`
+      variant on those pairs, and to evaluate the evaluation of that CLIP."""
+    ablations = params.get("ablations") or {}
+    added: dict[str, dict[str, Any]] = {}
+    if key == "mine":
+        known = params["mine"].get("ablation_variants") or {}
+        for name in gt_mask_variants(params):
+            if name not in known:
+                raise KeyError(f"params.yaml ablations.gt_masks: no mine.ablation_variants.{name}; "
+                               f"known: {sorted(known)}")
+            added[name] = known[name]
+        return added
+    if key not in ("adapt_clip", "evaluate") or not (ablations.get("prompt_depths") or gt_mask_variants(params)):
+        return added
+    adapted = params["adapt_clip"]["out"]
+    if ablations.get("prompt_depths"):
+        base = params[key]["variants"]["mpt"]
+        for d in ablations["prompt_depths"]:
+            name = depth_variant(d)
+            added[name] = ({**base, "prompt_depth": int(d)} if key == "adapt_clip"
+                           else {**base, "clip": f"{adapted}/{name}"})
+    for pairs in gt_mask_variants(params):
+        name = f"ft-{pairs}"
+        added[name] = ({**params[key]["variants"]["ft"], "pairs": pairs} if key == "adapt_clip"
+                       else {"clip": f"{adapted}/{name}", "weights": f"{adapted}/{name}"})
+    return added
 
 
 class StageContext:

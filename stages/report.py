@@ -23,7 +23,7 @@ from ovseg_core.atomic import write_text
 from ovseg_core.datasets.prepared import load_rgb
 from ovseg_core.errors import DataError
 from ovseg_core.visualize import EXAMPLES_INDEX, grid_figure, save_image
-from stages.common import StageContext, depth_variant, main
+from stages.common import StageContext, depth_variant, gt_mask_variants, main
 
 NOT_RUN = "not run"
 PAPER_SETS = ("A-847", "A-150", "PC-59")
@@ -188,10 +188,14 @@ class Report:
                          stats.get("unique_nouns", "–"), *ours, pairs, nouns,
                          *(fmt(v) if case == "baseline" else with_delta(v, TABLE2["baseline"][4][i])
                            for i, v in enumerate(paper))])
+        off = (self.s.get("ablations_off") or {}).get("table2") or []
+        note = (f" Rows {', '.join(off)} (ground-truth masks) are an ablation this run leaves out: "
+                "`dvc exp run -S 'ablations.gt_masks=[classes,nouns]'` adds them; the multi-seed report has them."
+                if off else "")
         return ("## Table 2: mask–category pairs for fine-tuning\n\n" + markdown_table(header, rows) +
                 "\n\nFull fine-tuning of CLIP on pairs mined with the given mask and category sources; ensemble "
                 "mIoU with Δ to the baseline (original CLIP), and its seen / unseen split. Paper: Table 2 "
-                f"({PAPER_MODEL}).\n")
+                f"({PAPER_MODEL}).{note}\n")
 
     def table3(self, rows_cfg: dict[str, str]) -> str:
         base = rows_cfg.get("baseline")
@@ -395,15 +399,21 @@ class Report:
 
 
 def with_ablations(settings: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """The report's settings with the variants `ablations` switched on in their tables: each of
-    `prompt_depths` a Table 5 column entry of MPT without FT."""
-    depths = (params.get("ablations") or {}).get("prompt_depths") or []
-    if not depths:
-        return settings
+    """The report's settings with the ablations as params.yaml switches them: each of `prompt_depths` a Table 5
+    column entry of MPT without FT; a Table 2 row whose pairs are only mined by an ablation
+    (`mine.ablation_variants`) stays only where `gt_masks` switches it on (the others go to `ablations_off`)."""
+    ablations = params.get("ablations") or {}
     tables = dict(settings.get("tables") or {})
-    table5 = {column: dict(entries) for column, entries in (tables.get("table5") or {}).items()}
-    table5.setdefault("w/o FT", {}).update({int(d): depth_variant(d) for d in depths})
-    return {**settings, "tables": {**tables, "table5": table5}}
+    if ablations.get("prompt_depths"):
+        table5 = {column: dict(entries) for column, entries in (tables.get("table5") or {}).items()}
+        table5.setdefault("w/o FT", {}).update({int(d): depth_variant(d) for d in ablations["prompt_depths"]})
+        tables["table5"] = table5
+    off_pairs = set((params.get("mine") or {}).get("ablation_variants") or {}) - set(gt_mask_variants(params))
+    rows = tables.get("table2") or {}
+    off = [case for case, row in rows.items() if row.get("mine") in off_pairs]
+    if off:
+        tables["table2"] = {case: row for case, row in rows.items() if case not in off}
+    return {**settings, "tables": tables, "ablations_off": {"table2": off}}
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

@@ -147,3 +147,35 @@ def test_an_ablation_switched_on_adds_stages_with_the_deps_of_the_variant_it_var
         assert paths(evaluate.deps) == renamed(stages["evaluate@mpt"].deps)
         assert paths(evaluate.outs) == renamed(stages["evaluate@mpt"].outs)
         assert f"models/adapt_clip/{name}" in paths(evaluate.deps)
+
+
+def test_the_gt_masks_ablation_adds_table2s_chain_with_the_deps_of_the_ft_chain(tmp_path):
+    """`ablations.gt_masks` (one setting) adds, per labelling, the mining of ground-truth-mask pairs, `ft` on them
+    and its evaluation; their deps are those of mine@proposals-nouns, adapt_clip@ft (but the pairs) and
+    evaluate@ft, their outs their own."""
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ablations"]["gt_masks"] = ["classes", "nouns"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    Repo.init(str(tmp_path), no_scm=True).close()
+    with Repo(str(tmp_path)) as repo:
+        stages = {s.name: s for s in repo.index.stages}
+
+    def paths(items, old: str = "", new: str = "") -> list[str]:
+        return sorted({re.sub(rf"(?<=/){old}(?=$|/|\.json$)", new, Path(i.def_path).as_posix()) if old
+                       else Path(i.def_path).as_posix() for i in items})
+
+    for labels in ("classes", "nouns"):
+        pairs, variant = f"gt-{labels}", f"ft-gt-{labels}"
+        mine, adapt, evaluate = (stages[f"mine-gt@{labels}"], stages[f"adapt_clip-ft-gt@{labels}"],
+                                 stages[f"evaluate-ft-gt@{labels}"])
+        assert mine.cmd == f"python -m flows.stage mine --variant {pairs}"
+        assert paths(mine.deps) == paths(stages["mine@proposals-nouns"].deps)
+        assert paths(mine.outs) == paths(stages["mine@proposals-nouns"].outs, "proposals-nouns", pairs)
+        assert adapt.cmd == f"python -m flows.stage adapt_clip --variant {variant}"
+        assert paths(adapt.deps) == paths(stages["adapt_clip@ft"].deps, "proposals-nouns", pairs)
+        assert paths(adapt.outs) == paths(stages["adapt_clip@ft"].outs, "ft", variant)
+        assert evaluate.cmd == f"python -m flows.stage evaluate --variant {variant}"
+        assert paths(evaluate.deps) == paths(stages["evaluate@ft"].deps, "ft", variant)
+        assert paths(evaluate.outs) == paths(stages["evaluate@ft"].outs, "ft", variant)
+    assert not {"mine-gt", "adapt_clip-ft-gt", "evaluate-ft-gt"} & {n.split("@")[0] for n in stage_deps()}  # off by default

@@ -98,7 +98,7 @@ def shard_digests(directory: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_two_worker_processes_mine_byte_identical_shards(tiny_mined, mine_params, tmp_path):
-    from flows.stage import stage_flow  # imports Prefect: after conftest has isolated its state
+    from flows.prefect_stage import stage_flow  # imports Prefect: after conftest has isolated its state
 
     params = mine_params(tmp_path, compute={"processes": 2})
     threads = torch.get_num_threads()
@@ -114,7 +114,7 @@ def test_two_worker_processes_mine_byte_identical_shards(tiny_mined, mine_params
 def test_loader_workers_inside_a_prefect_flow(tiny_mined, mine_params, tmp_path):
     """DataLoader workers are fork()ed from the stage's flow process, as under `dvc repro` (Prefect 3.8 made
     every such child exit with code 1 at its end, failing the loader; 3.9.1 fixed it)."""
-    from flows.stage import stage_flow
+    from flows.prefect_stage import stage_flow
 
     params = mine_params(tmp_path, compute={"loader_workers": 2})
     threads = torch.get_num_threads()

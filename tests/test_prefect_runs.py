@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from uuid import UUID
 
 import pytest
@@ -67,6 +67,22 @@ def api_runs(api_url: str) -> list[dict[str, Any]]:
                 for r in runs]
 
 
+@contextlib.contextmanager
+def project_server(state: Path) -> Iterator[dict[str, str]]:
+    """The project's Prefect server (`flows.server`) on a free port with its state under `state`; yields the
+    environment of commands that report to it, and stops it after, also when the test fails."""
+    env = dict(os.environ, OVSEG_STATE_DIR=str(state), PREFECT_HOME=str(state / "prefect"), PYTHONPATH=str(ROOT))
+    env.pop("PREFECT_API_URL", None)
+    port = free_port()
+    subprocess.run([sys.executable, "-m", "flows.server", "start", "--port", str(port)], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    try:
+        yield env
+    finally:
+        subprocess.run([sys.executable, "-m", "flows.server", "stop"], cwd=ROOT, env=env, capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def killed_and_rerun(mine_params, tmp_path_factory):
     """Start `python -m flows.stage mine` against a fresh server, kill -9 it once a unit is complete, read the
@@ -75,18 +91,12 @@ def killed_and_rerun(mine_params, tmp_path_factory):
     base = tmp_path_factory.mktemp("prefect-runs")
     params = {**mine_params(base, images_per_unit=2), "runs": str(base / "runs")}
     (base / "params.yaml").write_text(yaml.safe_dump(params))
-    state = base / "state"
-    env = dict(os.environ, OVSEG_STATE_DIR=str(state), PREFECT_HOME=str(state / "prefect"), PYTHONPATH=str(ROOT))
-    env.pop("PREFECT_API_URL", None)
-    port = free_port()
-    subprocess.run([sys.executable, "-m", "flows.server", "start", "--port", str(port)], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
-    api_url = env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-    driver = driver_run(api_url)
-    env[PIPELINE_RUN_ENV] = str(driver)
-    cmd = [sys.executable, "-m", "flows.stage", "mine", "--variant", VARIANT, "--params", str(base / "params.yaml")]
-    work = base / "work" / VARIANT
-    try:
+    with project_server(base / "state") as env:
+        api_url = env["PREFECT_API_URL"]
+        driver = driver_run(api_url)
+        env[PIPELINE_RUN_ENV] = str(driver)
+        cmd = [sys.executable, "-m", "flows.stage", "mine", "--variant", VARIANT, "--params", str(base / "params.yaml")]
+        work = base / "work" / VARIANT
         kill_when_a_unit_is_complete(cmd, work, base / "killed.log", env)
         kept = len(list(work.glob("*.stats.json")))
         after_kill = api_runs(api_url)
@@ -94,8 +104,6 @@ def killed_and_rerun(mine_params, tmp_path_factory):
         assert rerun.returncode == 0, rerun.stderr[-4000:]
         record = json.loads((base / "runs" / "mine" / f"{VARIANT}.json").read_text())
         yield after_kill, api_runs(api_url), record, kept, driver_task_runs(api_url, driver)
-    finally:
-        subprocess.run([sys.executable, "-m", "flows.server", "stop"], cwd=ROOT, env=env, capture_output=True)
 
 
 def test_stage_run_carries_its_settings_and_names_task_runs_by_unit(killed_and_rerun):
@@ -155,7 +163,7 @@ class FailsOnceFor:
 def test_a_transient_unit_failure_is_retried_by_prefect(tmp_path):
     from prefect import flow
 
-    from flows.stage import PrefectStageContext
+    from flows.prefect_stage import PrefectStageContext
 
     params = {"prefect": {"task_runner": "threads", "max_workers": 2, "task_retries": 1, "retry_delay_s": 0},
               "compute": {"device": "cpu"}, "demo": {}}
@@ -181,7 +189,7 @@ def test_local_dask_workers_run_with_glibcs_own_trim_threshold():
     import dask
     from distributed import Client, LocalCluster
 
-    from flows.stage import task_runner
+    from flows.prefect_stage import task_runner
     from ovseg_core.compute import ComputeConfig
 
     saved = copy.deepcopy(dask.config.get("distributed"))  # get() returns the live mapping
@@ -198,7 +206,7 @@ def test_local_dask_workers_run_with_glibcs_own_trim_threshold():
 
 def test_the_ephemeral_server_of_a_killed_stage_is_stopped_by_its_watchdog(tmp_path):
     """Without a project server a stage starts Prefect's temporary server as its child. kill -9 of the stage
-    orphans that server; the watchdog `flows.stage` starts beside it stops it within seconds (it may stay a
+    orphans that server; the watchdog `flows.prefect_stage` starts beside it stops it within seconds (it may stay a
     zombie: this machine's init does not reap)."""
     import psutil
 
@@ -207,7 +215,7 @@ def test_the_ephemeral_server_of_a_killed_stage_is_stopped_by_its_watchdog(tmp_p
     env = dict(os.environ, OVSEG_STATE_DIR=str(tmp_path / "state"), PREFECT_HOME=str(tmp_path / "state" / "prefect"),
                PYTHONPATH=str(ROOT))
     env.pop("PREFECT_API_URL", None)
-    script = ("import time, flows.stage as stage\n"
+    script = ("import time, flows.prefect_stage as stage\n"
               "from prefect.server.api.server import SubprocessASGIServer\n"
               "stage.guard_ephemeral_server()\n"
               "print(SubprocessASGIServer().server_process.pid, flush=True)\n"

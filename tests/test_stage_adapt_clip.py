@@ -72,6 +72,28 @@ def test_the_prompt_depth_ablation_adds_the_mpt_variant_at_each_listed_depth():
     assert [variant_depth(v) for v in ("mpt", "ft-mpt", "mpt-depth-", "mpt-depth-x")] == [None] * 4
 
 
+
+def test_the_gt_masks_ablation_adds_table2s_pairs_and_ft_on_them():
+    mine = {"common": {"top_proposals": 16}, "variants": {"proposals-nouns": {"masks": "proposals"}},
+            "ablation_variants": {"gt-nouns": {"masks": "gt", "categories": "nouns"},
+                                  "gt-classes": {"masks": "gt", "categories": "gt_classes"}}}
+    adapt = {"out": "models/adapt_clip", "common": {"steps": 5}, "modes": {"ft": {"mode": "ft", "lr": 0.1}},
+             "variants": {"ft": {"mode": "ft", "init": "clip.pt", "pairs": "proposals-nouns"}}}
+    evaluate = {"common": {"lambda": 0.7}, "variants": {"ft": {"clip": "models/adapt_clip/ft", "weights": "w"}}}
+    params = {"mine": mine, "adapt_clip": adapt, "evaluate": evaluate, "ablations": {"gt_masks": ["classes"]}}
+    assert StageContext("mine", params, "gt-classes").variant_params("mine") == (
+        "gt-classes", {"top_proposals": 16, "masks": "gt", "categories": "gt_classes"})
+    assert StageContext("adapt_clip", params, "ft-gt-classes").variant_params("adapt_clip") == (
+        "ft-gt-classes", {"steps": 5, "lr": 0.1, "mode": "ft", "init": "clip.pt", "pairs": "gt-classes"})
+    assert StageContext("evaluate", params, "ft-gt-classes").variant_params("evaluate") == (
+        "ft-gt-classes", {"lambda": 0.7, "clip": "models/adapt_clip/ft-gt-classes",
+                          "weights": "models/adapt_clip/ft-gt-classes"})
+    for stage, variant in (("mine", "gt-nouns"), ("adapt_clip", "ft-gt-nouns"), ("evaluate", "ft-gt-nouns")):
+        with pytest.raises(KeyError, match=f"no '{variant}'"):  # only the listed labellings
+            StageContext(stage, params, variant).variant_params(stage)
+    with pytest.raises(KeyError, match="ablations.gt_masks: no mine.ablation_variants.gt-boxes"):
+        StageContext("mine", {**params, "ablations": {"gt_masks": ["boxes"]}}, "gt-boxes").variant_params("mine")
+
 def test_ft_then_mpt_trains_prompts_on_the_fine_tuned_weights(params, tiny_models, tiny_mined):
     run(params, "ft")
     summary = run(params, "ft-mpt")

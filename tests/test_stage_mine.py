@@ -109,7 +109,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_mined, mine_params,
 
 @pytest.mark.parametrize("runner", ["threads", "dask"])
 def test_prefect_task_runners_mine_the_same_pairs(runner, tiny_mined, mine_params, tmp_path):
-    from flows.stage import stage_flow  # imports Prefect: after conftest has isolated its state
+    from flows.prefect_stage import stage_flow  # imports Prefect: after conftest has isolated its state
     from stages.mine import _miner
 
     params = mine_params(tmp_path, prefect={"task_runner": runner, "max_workers": 2})

@@ -168,6 +168,27 @@ def test_the_prompt_depth_ablation_fills_table5(repo):
     assert settings["tables"]["table5"] == {"w/o FT": {3: "mpt"}}
 
 
+def test_table2_rows_on_ground_truth_masks_follow_their_ablation(repo):
+    """Table 2's rows whose pairs only `ablations.gt_masks` mines are left out, with a note and not as missing
+    inputs, until that setting lists them."""
+    mine = {"ablation_variants": {"gt-nouns": {"masks": "gt", "categories": "nouns"},
+                                  "gt-classes": {"masks": "gt", "categories": "gt_classes"}}}
+    write_json("metrics/evaluate/ft-gt-classes.json", evaluation(16.0))
+    run(Recorder({"report": SETTINGS, "mine": mine, "ablations": {"gt_masks": []}}))
+    text = Path("reports/report.md").read_text()
+    table2 = text[text.index("## Table 2"):text.index("## Table 3")]
+    assert "| (1) |" not in table2 and "| (2) |" not in table2 and "| (3) | proposals |" in table2
+    assert "Rows (1), (2) (ground-truth masks) are an ablation this run leaves out" in table2
+    assert "ablations.gt_masks=[classes,nouns]" in table2
+    assert "ft-gt-nouns.json" not in text[text.index("## Missing inputs"):text.index("## Table 2")]
+
+    run(Recorder({"report": SETTINGS, "mine": mine, "ablations": {"gt_masks": ["classes"]}}))
+    text = Path("reports/report.md").read_text()
+    table2 = text[text.index("## Table 2"):text.index("## Table 3")]
+    assert "| (1) | GT | GT classes | `ft-gt-classes` |" in table2 and "16.0 (+4.0)" in table2
+    assert "| (2) |" not in table2 and "Rows (2) (ground-truth masks)" in table2
+
+
 def test_report_without_any_evaluation_still_renders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run(Recorder({"report": SETTINGS}))
