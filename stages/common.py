@@ -69,7 +69,6 @@ def ablation_variants(params: dict[str, Any], key: str) -> dict[str, dict[str, A
       `nouns` or `classes`: to mine the pairs `gt-<labels>` (ground-truth masks labelled with caption nouns or
       with the ground-truth class names: `mine.ablation_variants`), to adapt_clip `ft-gt-<labels>`, the `ft`
       variant on those pairs, and to evaluate the evaluation of that CLIP."""
-    ablations = params.get("ablations") or {}
     added: dict[str, dict[str, Any]] = {}
     if key == "mine":
         known = params["mine"].get("ablation_variants") or {}
@@ -79,19 +78,17 @@ def ablation_variants(params: dict[str, Any], key: str) -> dict[str, dict[str, A
                                f"known: {sorted(known)}")
             added[name] = known[name]
         return added
-    if key not in ("adapt_clip", "evaluate") or not (ablations.get("prompt_depths") or gt_mask_variants(params)):
+    if key not in ("adapt_clip", "evaluate"):
         return added
-    adapted = params["adapt_clip"]["out"]
-    if ablations.get("prompt_depths"):
-        base = params[key]["variants"]["mpt"]
-        for d in ablations["prompt_depths"]:
-            name = depth_variant(d)
-            added[name] = ({**base, "prompt_depth": int(d)} if key == "adapt_clip"
-                           else {**base, "clip": f"{adapted}/{name}"})
+    for d in (params.get("ablations") or {}).get("prompt_depths") or []:
+        name, base = depth_variant(d), params[key]["variants"]["mpt"]
+        added[name] = ({**base, "prompt_depth": int(d)} if key == "adapt_clip"
+                       else {**base, "clip": f"{params['adapt_clip']['out']}/{name}"})
     for pairs in gt_mask_variants(params):
         name = f"ft-{pairs}"
+        adapted = f"{params['adapt_clip']['out']}/{name}"
         added[name] = ({**params[key]["variants"]["ft"], "pairs": pairs} if key == "adapt_clip"
-                       else {"clip": f"{adapted}/{name}", "weights": f"{adapted}/{name}"})
+                       else {"clip": adapted, "weights": adapted})
     return added
 
 

@@ -57,14 +57,10 @@ def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def stage_children(served: dict[str, Any]) -> list[psutil.Process]:
-    return served["launcher"].children()
-
-
 def wait_for_a_stage_child(served: dict[str, Any], command: subprocess.Popen) -> psutil.Process | None:
     """The launcher's child that runs the command's stage, once it shows (None if the command ends first)."""
     while command.poll() is None:
-        children = stage_children(served)
+        children = served["launcher"].children()
         if children:
             return children[0]
         time.sleep(0.005)
