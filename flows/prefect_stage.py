@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
@@ -46,6 +47,30 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class Interrupts:
+    """Ctrl-C that a stage cannot lose. Python runs a signal's handler at whatever bytecode the main thread is at;
+    when that is a finalizer (a weakref callback, a __del__: Prefect's startup runs many), the KeyboardInterrupt
+    is printed as "Exception ignored" and dropped, and the stage would run to the end and exit 0. The handler
+    also records the signal, and the stage raises it again at its next work unit and before it reports success."""
+
+    received = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: Any) -> None:
+        cls.received = True
+        signal.default_int_handler(signum, frame)
+
+    @classmethod
+    def install(cls) -> None:
+        cls.received = False
+        signal.signal(signal.SIGINT, cls.handle)
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.received:
+            raise KeyboardInterrupt("Ctrl-C (a first KeyboardInterrupt was lost in a finalizer)")
 
 
 def artifact_key(*parts: str) -> str:
@@ -147,6 +172,7 @@ class PrefectStageContext(StageContext):
             for future in futures:
                 results.append(future.result())
                 p.update(1)
+                Interrupts.check()
         return results
 
     def publish_table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
@@ -230,6 +256,7 @@ def stage_flow(name: str, params: dict[str, Any], variant: str | None = None) ->
 def run(args: argparse.Namespace) -> None:
     """Run the stage `flows.stage` parsed from the command line, and print its summary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    Interrupts.install()
     params = load_params(args.params)
     guard_ephemeral_server()
     run_tags = ["ovseg", f"stage-{args.name}", *process_tags()]
@@ -237,5 +264,6 @@ def run(args: argparse.Namespace) -> None:
         run_tags.append(f"pipeline-{str(pipeline_run())[:8]}")
     with tags(*run_tags):
         summary = stage_flow(args.name, params, args.variant)()
+    Interrupts.check()  # its outs are whole (written under temporary names), but it was told to stop
     json.dump(summary, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")

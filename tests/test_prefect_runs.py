@@ -181,6 +181,36 @@ def test_a_transient_unit_failure_is_retried_by_prefect(tmp_path):
         flow(name="retry-demo", persist_result=False)(lambda: ctx.map(unit, range(4), "units"))()
 
 
+def test_a_ctrl_c_lost_in_a_finalizer_still_stops_the_stage(tmp_path):
+    import signal
+    import weakref
+
+    from prefect import flow
+
+    from flows.prefect_stage import Interrupts, PrefectStageContext
+
+    params = {"prefect": {"task_runner": "threads", "max_workers": 1, "task_retries": 0},
+              "compute": {"device": "cpu"}, "demo": {}}
+    ctx = PrefectStageContext("demo", params)
+    saved = signal.getsignal(signal.SIGINT)
+    try:
+        Interrupts.install()
+
+        class Finalized:
+            pass
+
+        doomed = Finalized()
+        # Ctrl-C arrives while a weakref callback runs: Python prints the KeyboardInterrupt and drops it
+        ref = weakref.ref(doomed, lambda _: signal.getsignal(signal.SIGINT)(signal.SIGINT, None))
+        del doomed
+        assert ref() is None and Interrupts.received
+        with pytest.raises(KeyboardInterrupt, match="lost in a finalizer"):
+            flow(name="interrupt-demo", persist_result=False)(lambda: ctx.map(lambda i: i, range(4), "units"))()
+    finally:
+        signal.signal(signal.SIGINT, saved)
+        Interrupts.received = False
+
+
 def test_local_dask_workers_run_with_glibcs_own_trim_threshold():
     # Dask's default MALLOC_TRIM_THRESHOLD_=65536 halves mining throughput (freed tensors go back to the OS and
     # fault in again); the local cluster's workers must start without it
