@@ -58,6 +58,20 @@ def _bind_xdist_worker_to_its_cpus() -> None:
 
 _bind_xdist_worker_to_its_cpus()
 
+
+SUITE_TMP_PEAK_GB = 2.4  # the whole suite's temporary files at their peak (README, measured at 1ff2cdc)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Say up front when the disk the tests write to is too full: otherwise it shows only as hundreds of errors."""
+    where = Path(session.config.option.basetemp or tempfile.gettempdir())
+    free_gb = shutil.disk_usage(where if where.exists() else where.parent).free / 1e9
+    if free_gb < SUITE_TMP_PEAK_GB and not os.environ.get("PYTEST_XDIST_WORKER"):
+        session.config.get_terminal_writer().line(
+            f"WARNING: {where} has {free_gb:.1f} GB free; the suite's temporary files need ~{SUITE_TMP_PEAK_GB} GB: "
+            "expect 'No space left on device'", yellow=True)
+
+
 ROOT = Path(__file__).resolve().parents[1]  # the repository (stages resolve relative paths from here)
 NLTK_DATA = ROOT / ".ovseg" / "nltk_data"  # WordNet for noun lemmas (scripts/install_nltk_data.sh)
 TINY_CLIP_ARCH = "ovseg-tiny-vit"
