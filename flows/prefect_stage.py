@@ -23,7 +23,8 @@ import re
 import signal
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 from uuid import UUID
 
 import flows  # noqa: F401  (configures Prefect's environment first)
@@ -52,8 +53,9 @@ R = TypeVar("R")
 class Interrupts:
     """Ctrl-C that a stage cannot lose. Python runs a signal's handler at whatever bytecode the main thread is at;
     when that is a finalizer (a weakref callback, a __del__: Prefect's startup runs many), the KeyboardInterrupt
-    is printed as "Exception ignored" and dropped, and the stage would run to the end and exit 0. The handler
-    also records the signal, and the stage raises it again at its next work unit and before it reports success."""
+    is printed as "Exception ignored" and dropped, and the stage would run to the end and exit 0. While `kept()`,
+    the handler also records the signal, and the stage raises it again at its next progress report in the main
+    thread (every loop of work reports progress: `ovseg_core.progress`) and before it reports success."""
 
     received = False
 
@@ -63,14 +65,23 @@ class Interrupts:
         signal.default_int_handler(signum, frame)
 
     @classmethod
-    def install(cls) -> None:
-        cls.received = False
-        signal.signal(signal.SIGINT, cls.handle)
+    def check(cls, *_progress: object) -> None:
+        """Raise a recorded Ctrl-C again; a progress hook, so only in the main thread (where Ctrl-C belongs)."""
+        if cls.received and threading.current_thread() is threading.main_thread():
+            raise KeyboardInterrupt("Ctrl-C (a first KeyboardInterrupt was lost in a finalizer)")
 
     @classmethod
-    def check(cls) -> None:
-        if cls.received:
-            raise KeyboardInterrupt("Ctrl-C (a first KeyboardInterrupt was lost in a finalizer)")
+    @contextlib.contextmanager
+    def kept(cls) -> Iterator[None]:
+        cls.received = False
+        previous = signal.signal(signal.SIGINT, cls.handle)
+        progress.add_hook(cls.check)
+        try:
+            yield
+            cls.check()  # the outs are whole (written under temporary names), but the stage was told to stop
+        finally:
+            progress.remove_hook(cls.check)
+            signal.signal(signal.SIGINT, previous)
 
 
 def artifact_key(*parts: str) -> str:
@@ -172,7 +183,6 @@ class PrefectStageContext(StageContext):
             for future in futures:
                 results.append(future.result())
                 p.update(1)
-                Interrupts.check()
         return results
 
     def publish_table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
@@ -256,14 +266,12 @@ def stage_flow(name: str, params: dict[str, Any], variant: str | None = None) ->
 def run(args: argparse.Namespace) -> None:
     """Run the stage `flows.stage` parsed from the command line, and print its summary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    Interrupts.install()
     params = load_params(args.params)
     guard_ephemeral_server()
     run_tags = ["ovseg", f"stage-{args.name}", *process_tags()]
     if pipeline_run():
         run_tags.append(f"pipeline-{str(pipeline_run())[:8]}")
-    with tags(*run_tags):
+    with Interrupts.kept(), tags(*run_tags):
         summary = stage_flow(args.name, params, args.variant)()
-    Interrupts.check()  # its outs are whole (written under temporary names), but it was told to stop
     json.dump(summary, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")

@@ -192,9 +192,9 @@ def test_a_ctrl_c_lost_in_a_finalizer_still_stops_the_stage(tmp_path):
     params = {"prefect": {"task_runner": "threads", "max_workers": 1, "task_retries": 0},
               "compute": {"device": "cpu"}, "demo": {}}
     ctx = PrefectStageContext("demo", params)
+    returned: list[int] = []
     saved = signal.getsignal(signal.SIGINT)
-    try:
-        Interrupts.install()
+    with pytest.raises(KeyboardInterrupt, match="lost in a finalizer"), Interrupts.kept():
 
         class Finalized:
             pass
@@ -204,11 +204,10 @@ def test_a_ctrl_c_lost_in_a_finalizer_still_stops_the_stage(tmp_path):
         ref = weakref.ref(doomed, lambda _: signal.getsignal(signal.SIGINT)(signal.SIGINT, None))
         del doomed
         assert ref() is None and Interrupts.received
-        with pytest.raises(KeyboardInterrupt, match="lost in a finalizer"):
-            flow(name="interrupt-demo", persist_result=False)(lambda: ctx.map(lambda i: i, range(4), "units"))()
-    finally:
-        signal.signal(signal.SIGINT, saved)
-        Interrupts.received = False
+        flow(name="interrupt-demo", persist_result=False)(lambda: returned.extend(ctx.map(lambda i: i, range(4),
+                                                                                           "units")))()
+    assert returned == []  # stopped at the units' first progress report, not only at the end
+    assert signal.getsignal(signal.SIGINT) is saved  # and the handler it replaced is back
 
 
 def test_local_dask_workers_run_with_glibcs_own_trim_threshold():
